@@ -1,0 +1,6 @@
+//! Build script: embeds an rpath to the directory holding `libpython`, so the `oxwsgi` binary (and the test
+//! binaries that link it) start without `LD_LIBRARY_PATH`, whatever prefix the interpreter was installed in.
+
+fn main() {
+    pyo3_build_config::add_libpython_rpath_link_args();
+}

@@ -1,0 +1,370 @@
+//! Command-line options and their validation into typed config.
+//!
+//! Owns the `Cli` (clap, uWSGI-familiar option names, `OXWSGI_*` environment fallbacks) and turns it, once,
+//! into [`Config`]: small typed structs that travel by value to the parts that need them. Nothing here binds
+//! sockets or touches Python.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use oxwsgi_proto::Limits;
+
+/// nginx refuses to send a vars block over 65535 bytes (the u16 `datasize`), so accepting anything smaller by
+/// default only turns long cookies into 502s (uWSGI's 4096 default is the classic cause).
+pub const DEFAULT_BUFFER_SIZE: u32 = 65535;
+/// uWSGI's default per-wait socket timeout; users switching expect the same failure timing.
+pub const DEFAULT_SOCKET_TIMEOUT_SECS: u64 = 4;
+/// gunicorn's default backlog; uWSGI's 100 fills up under bursts (unbit/uwsgi#1804).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+/// uWSGI's mode for a bare `--chmod-socket`.
+const DEFAULT_CHMOD_SOCKET: &str = "666";
+
+/// Runs a Python WSGI application behind nginx over the uwsgi protocol (`uwsgi_pass`).
+#[derive(Debug, Parser)]
+#[command(name = "oxwsgi", version, about, long_about = None)]
+pub struct Cli {
+    /// Listen on ADDR: `host:port`, `[::1]:port`, `:port` (all IPv4 interfaces), or a Unix socket path
+    /// (containing `/`, or prefixed `unix:`). Repeatable.
+    #[arg(
+        long = "socket",
+        short = 's',
+        value_name = "ADDR",
+        required = true,
+        env = "OXWSGI_SOCKET",
+        value_delimiter = ','
+    )]
+    pub sockets: Vec<String>,
+
+    /// Load the app from a module: `package.module:callable` (callable defaults to --callable).
+    #[arg(long, short = 'w', value_name = "MODULE[:CALLABLE]", env = "OXWSGI_MODULE")]
+    #[arg(conflicts_with = "wsgi_file", required_unless_present = "wsgi_file")]
+    pub module: Option<String>,
+
+    /// Load the app from a Python file.
+    #[arg(long = "wsgi-file", value_name = "PATH", env = "OXWSGI_WSGI_FILE")]
+    pub wsgi_file: Option<PathBuf>,
+
+    /// Name of the WSGI callable in the module or file.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "application",
+        env = "OXWSGI_CALLABLE"
+    )]
+    pub callable: String,
+
+    /// Change to DIR before loading the app (it is also put on `sys.path`).
+    #[arg(long, value_name = "DIR", env = "OXWSGI_CHDIR")]
+    pub chdir: Option<PathBuf>,
+
+    /// Add DIR to the front of `sys.path`. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub pythonpath: Vec<PathBuf>,
+
+    /// Python threads serving requests in this process.
+    #[arg(long, value_name = "N", default_value = "1", env = "OXWSGI_THREADS")]
+    pub threads: NonZeroUsize,
+
+    /// chmod Unix sockets after binding: an octal MODE such as 660 (a bare flag means 666).
+    #[arg(long = "chmod-socket", value_name = "MODE", num_args = 0..=1, default_missing_value = DEFAULT_CHMOD_SOCKET)]
+    pub chmod_socket: Option<String>,
+
+    /// Largest uwsgi vars block (request headers and params) accepted, in bytes; at most 65535.
+    #[arg(long = "buffer-size", value_name = "BYTES", default_value_t = DEFAULT_BUFFER_SIZE)]
+    pub buffer_size: u32,
+
+    /// Largest request body (`CONTENT_LENGTH`) accepted, in bytes; larger gets 413. 0 means no limit.
+    #[arg(long = "limit-post", value_name = "BYTES", default_value_t = 0)]
+    pub limit_post: u64,
+
+    /// Seconds to wait for each read of the request or write of the response before giving up.
+    #[arg(long = "socket-timeout", value_name = "SECS", default_value_t = DEFAULT_SOCKET_TIMEOUT_SECS)]
+    pub socket_timeout: u64,
+
+    /// Backlog of each listening socket (connections waiting for a free thread).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LISTEN_BACKLOG)]
+    pub listen: u32,
+
+    /// Do not log a line per request.
+    #[arg(long = "disable-logging")]
+    pub disable_logging: bool,
+}
+
+/// Everything the process needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub sockets: Vec<SocketSpec>,
+    pub app: AppSpec,
+    pub pool: PoolConfig,
+    pub server: ServerConfig,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for SocketSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Which Python object to serve, and how to make it importable.
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    pub source: AppSource,
+    pub callable: String,
+    pub chdir: Option<PathBuf>,
+    pub pythonpath: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppSource {
+    Module(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for AppSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            AppSource::Module(module) => write!(f, "{module}:{}", self.callable),
+            AppSource::File(path) => write!(f, "{}:{}", path.display(), self.callable),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    pub threads: NonZeroUsize,
+}
+
+/// What the connection handling needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    pub limits: Limits,
+    /// Largest accepted `CONTENT_LENGTH`; `None` means unlimited.
+    pub limit_post: Option<u64>,
+    pub socket_timeout: Duration,
+    pub listen_backlog: u32,
+    /// Mode for Unix sockets after bind.
+    pub chmod_socket: Option<u32>,
+    pub access_log: bool,
+}
+
+/// A config value that cannot be used; `Display` is the one line printed before exiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, ConfigError> {
+        let sockets = cli
+            .sockets
+            .iter()
+            .map(|s| parse_socket(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_datasize = u16::try_from(cli.buffer_size).map_err(|_| {
+            ConfigError(format!(
+                "--buffer-size {} is over 65535, the largest vars block the uwsgi protocol can carry",
+                cli.buffer_size
+            ))
+        })?;
+        if max_datasize == 0 {
+            return Err(ConfigError("--buffer-size must be at least 1".into()));
+        }
+        if cli.socket_timeout == 0 {
+            return Err(ConfigError("--socket-timeout must be at least 1 second".into()));
+        }
+        if cli.listen == 0 || i32::try_from(cli.listen).is_err() {
+            return Err(ConfigError(format!(
+                "--listen {} is not a usable backlog",
+                cli.listen
+            )));
+        }
+        let chmod_socket = cli.chmod_socket.as_deref().map(parse_mode).transpose()?;
+        let (source, callable) = match (cli.module, cli.wsgi_file) {
+            (Some(module), None) => {
+                let (module, callable) = match module.split_once(':') {
+                    Some((module, callable)) => (module.to_owned(), callable.to_owned()),
+                    None => (module, cli.callable),
+                };
+                if module.is_empty() || callable.is_empty() {
+                    return Err(ConfigError(format!(
+                        "--module {module}:{callable} needs MODULE[:CALLABLE]"
+                    )));
+                }
+                (AppSource::Module(module), callable)
+            }
+            (None, Some(path)) => (AppSource::File(path), cli.callable),
+            _ => return Err(ConfigError("give exactly one of --module or --wsgi-file".into())),
+        };
+        Ok(Config {
+            sockets,
+            app: AppSpec {
+                source,
+                callable,
+                chdir: cli.chdir,
+                pythonpath: cli.pythonpath,
+            },
+            pool: PoolConfig { threads: cli.threads },
+            server: ServerConfig {
+                limits: Limits {
+                    max_datasize,
+                    ..Limits::default()
+                },
+                limit_post: (cli.limit_post > 0).then_some(cli.limit_post),
+                socket_timeout: Duration::from_secs(cli.socket_timeout),
+                listen_backlog: cli.listen,
+                chmod_socket,
+                access_log: !cli.disable_logging,
+            },
+        })
+    }
+}
+
+/// `unix:/path` or anything with a `/` is a Unix socket; `:port` means every IPv4 interface (as in uWSGI);
+/// otherwise `host:port`, resolved once, now.
+pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        return Ok(SocketSpec::Unix(PathBuf::from(path)));
+    }
+    if text.contains('/') {
+        return Ok(SocketSpec::Unix(PathBuf::from(text)));
+    }
+    let with_host = if text.starts_with(':') {
+        format!("0.0.0.0{text}")
+    } else {
+        text.to_owned()
+    };
+    if let Ok(addr) = with_host.parse::<SocketAddr>() {
+        return Ok(SocketSpec::Tcp(addr));
+    }
+    let bad = || {
+        ConfigError(format!(
+            "--socket {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"
+        ))
+    };
+    if !with_host.contains(':') {
+        return Err(bad());
+    }
+    with_host
+        .to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .map(SocketSpec::Tcp)
+        .ok_or_else(bad)
+}
+
+fn parse_mode(text: &str) -> Result<u32, ConfigError> {
+    let valid = (1..=4).contains(&text.len()) && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    if !valid {
+        return Err(ConfigError(format!(
+            "--chmod-socket {text}: expected an octal mode such as 660"
+        )));
+    }
+    u32::from_str_radix(text, 8).map_err(|_| ConfigError(format!("--chmod-socket {text}: not an octal mode")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["oxwsgi"];
+        argv.extend_from_slice(args);
+        Config::try_from(Cli::try_parse_from(argv).expect("arguments parse"))
+    }
+
+    #[test]
+    fn socket_forms() {
+        assert_eq!(
+            parse_socket("127.0.0.1:3031"),
+            Ok(SocketSpec::Tcp("127.0.0.1:3031".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_socket("[::1]:3031"),
+            Ok(SocketSpec::Tcp("[::1]:3031".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_socket(":3031"),
+            Ok(SocketSpec::Tcp("0.0.0.0:3031".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_socket("/run/app.sock"),
+            Ok(SocketSpec::Unix("/run/app.sock".into()))
+        );
+        assert_eq!(
+            parse_socket("unix:app.sock"),
+            Ok(SocketSpec::Unix("app.sock".into()))
+        );
+        assert!(matches!(parse_socket("localhost:3031"), Ok(SocketSpec::Tcp(_))));
+        assert!(parse_socket("nonsense").is_err());
+        assert!(parse_socket("127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn module_with_and_without_callable() {
+        let cfg = config(&["--socket", ":1", "--module", "pkg.web:app"]).unwrap();
+        assert_eq!(cfg.app.source, AppSource::Module("pkg.web".into()));
+        assert_eq!(cfg.app.callable, "app");
+        let cfg = config(&["--socket", ":1", "--module", "pkg.web"]).unwrap();
+        assert_eq!(cfg.app.callable, "application");
+        let cfg = config(&["--socket", ":1", "--wsgi-file", "a.py", "--callable", "app"]).unwrap();
+        assert_eq!(cfg.app.source, AppSource::File("a.py".into()));
+        assert_eq!(cfg.app.callable, "app");
+    }
+
+    #[test]
+    fn defaults_follow_nginx_not_uwsgi() {
+        let cfg = config(&["--socket", ":1", "--module", "m"]).unwrap();
+        assert_eq!(cfg.server.limits.max_datasize, 65535);
+        assert_eq!(cfg.server.socket_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.server.limit_post, None);
+        assert_eq!(cfg.pool.threads.get(), 1);
+        assert_eq!(cfg.server.chmod_socket, None);
+    }
+
+    #[test]
+    fn chmod_socket_bare_and_with_mode() {
+        let cfg = config(&["--socket", ":1", "--module", "m", "--chmod-socket"]).unwrap();
+        assert_eq!(cfg.server.chmod_socket, Some(0o666));
+        let cfg = config(&["--socket", ":1", "--module", "m", "--chmod-socket", "660"]).unwrap();
+        assert_eq!(cfg.server.chmod_socket, Some(0o660));
+        assert!(config(&["--socket", ":1", "--module", "m", "--chmod-socket", "rw"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_give_one_line() {
+        let err = config(&["--socket", ":1", "--module", "m", "--buffer-size", "65536"]).unwrap_err();
+        assert!(err.to_string().contains("65535"), "{err}");
+        assert!(!err.to_string().contains('\n'));
+        assert!(config(&["--socket", ":1", "--module", "m", "--socket-timeout", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["oxwsgi", "--socket", ":1"]).is_err(),
+            "an app is required"
+        );
+        assert!(
+            Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--wsgi-file", "f.py"])
+                .is_err()
+        );
+    }
+}

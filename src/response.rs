@@ -1,0 +1,305 @@
+//! The HTTP response head oxwsgi writes to nginx: validation of what the app passed to `start_response`
+//! and its encoding as raw `HTTP/1.1` bytes.
+//!
+//! Pure: no tokio, no pyo3. The WSGI layer hands in latin-1 bytes; everything nginx would reject with a 502
+//! (or that would let an app inject headers) is refused here, with a reason the log can show.
+
+use std::fmt;
+
+/// Headers that describe one hop, not the response. PEP 3333 makes them a fatal error from an app, and a
+/// `Transfer-Encoding: chunked` passed through is the classic double-chunked body behind nginx.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The head sent when the app fails before producing one.
+pub const INTERNAL_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\nInternal Server Error\n";
+
+/// A validated status line and header block, ready to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    status: u16,
+    /// `HTTP/1.1 ...\r\n` and every header line, without the final blank line, so a derived
+    /// `Content-Length` can still be appended.
+    bytes: Vec<u8>,
+    content_length: Option<u64>,
+}
+
+/// Why a status or header was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    Status(String),
+    HeaderName(String),
+    HeaderValue { name: String, reason: &'static str },
+    HopByHop(String),
+    StatusHeader,
+    ContentLength(String),
+}
+
+impl fmt::Display for HeadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(status) => {
+                write!(
+                    f,
+                    "invalid status {status:?}: expected a 3-digit code >= 200, a space and a reason"
+                )
+            }
+            Self::HeaderName(name) => write!(f, "invalid header name {name:?}: not an HTTP token"),
+            Self::HeaderValue { name, reason } => write!(f, "invalid value for header {name:?}: {reason}"),
+            Self::HopByHop(name) => write!(
+                f,
+                "hop-by-hop header {name:?} is not allowed from a WSGI app (PEP 3333)"
+            ),
+            Self::StatusHeader => {
+                f.write_str("a `Status` header is not allowed; the status goes to start_response")
+            }
+            Self::ContentLength(value) => write!(f, "invalid or repeated Content-Length {value:?}"),
+        }
+    }
+}
+
+impl std::error::Error for HeadError {}
+
+impl Head {
+    /// Validates `status` (e.g. `b"200 OK"`) and `headers` (latin-1 bytes, as the app gave them).
+    pub fn new<'a>(
+        status: &[u8],
+        headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, HeadError> {
+        let code = parse_status(status).ok_or_else(|| HeadError::Status(latin1_lossy(status)))?;
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(b"HTTP/1.1 ");
+        bytes.extend_from_slice(status);
+        bytes.extend_from_slice(b"\r\n");
+        let mut content_length = None;
+        for (name, value) in headers {
+            check_header(name, value)?;
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let parsed = parse_decimal(value).filter(|_| content_length.is_none());
+                content_length = Some(parsed.ok_or_else(|| HeadError::ContentLength(latin1_lossy(value)))?);
+            }
+            bytes.extend_from_slice(name);
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(value);
+            bytes.extend_from_slice(b"\r\n");
+        }
+        Ok(Self {
+            status: code,
+            bytes,
+            content_length,
+        })
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The Content-Length the app declared.
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    /// 204 and 304 responses have no body, whatever the app yields.
+    pub fn forbids_body(&self) -> bool {
+        matches!(self.status, 204 | 304)
+    }
+
+    /// The finished head. `body_len` is the whole body's length when the server knows it; it becomes a
+    /// `Content-Length` header unless the app declared one or the status forbids a body.
+    pub fn finish(mut self, body_len: Option<u64>) -> Vec<u8> {
+        if let (None, Some(len), false) = (self.content_length, body_len, self.forbids_body()) {
+            self.bytes.extend_from_slice(b"Content-Length: ");
+            self.bytes.extend_from_slice(len.to_string().as_bytes());
+            self.bytes.extend_from_slice(b"\r\n");
+        }
+        self.bytes.extend_from_slice(b"\r\n");
+        self.bytes
+    }
+}
+
+/// `NNN reason`: three digits, no informational (1xx) status — nginx takes any 1xx from a uwsgi upstream as
+/// the final response — a single space and a non-empty reason without control characters.
+fn parse_status(status: &[u8]) -> Option<u16> {
+    let (code, rest) = status.split_at_checked(3)?;
+    let reason = rest.strip_prefix(b" ")?;
+    if !code.iter().all(u8::is_ascii_digit) || reason.is_empty() || reason.iter().any(|&b| is_control(b)) {
+        return None;
+    }
+    let code = code.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    (200..=999).contains(&code).then_some(code)
+}
+
+fn check_header(name: &[u8], value: &[u8]) -> Result<(), HeadError> {
+    if name.is_empty() || !name.iter().all(|&b| is_token_byte(b)) {
+        return Err(HeadError::HeaderName(latin1_lossy(name)));
+    }
+    if name.eq_ignore_ascii_case(b"status") {
+        return Err(HeadError::StatusHeader);
+    }
+    if HOP_BY_HOP
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_bytes()))
+    {
+        return Err(HeadError::HopByHop(latin1_lossy(name)));
+    }
+    if value.iter().any(|&b| b != b'\t' && is_control(b)) {
+        let name = latin1_lossy(name);
+        return Err(HeadError::HeaderValue {
+            name,
+            reason: "contains a control character (CR, LF, NUL, ...)",
+        });
+    }
+    Ok(())
+}
+
+fn is_control(byte: u8) -> bool {
+    byte < 0x20 || byte == 0x7f
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+/// A plain non-negative decimal, as HTTP wants for Content-Length (no sign, no spaces, no hex).
+pub fn parse_decimal(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    text.iter().try_fold(0u64, |acc, d| {
+        acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+fn latin1_lossy(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(status: &str, headers: &[(&str, &str)]) -> Result<Head, HeadError> {
+        Head::new(
+            status.as_bytes(),
+            headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())),
+        )
+    }
+
+    #[test]
+    fn encodes_status_line_headers_and_derived_length() {
+        let h = head("200 OK", &[("Content-Type", "text/plain")]).unwrap();
+        assert_eq!(h.status(), 200);
+        assert_eq!(
+            h.finish(Some(5)),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n".to_vec()
+        );
+        let h = head("404 Not Found", &[("Content-Length", "3")]).unwrap();
+        assert_eq!(h.content_length(), Some(3));
+        assert_eq!(
+            h.finish(Some(99)),
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\n".to_vec()
+        );
+        let h = head("204 No Content", &[]).unwrap();
+        assert!(h.forbids_body());
+        assert_eq!(h.finish(Some(0)), b"HTTP/1.1 204 No Content\r\n\r\n".to_vec());
+        assert_eq!(
+            head("200 OK", &[]).unwrap().finish(None),
+            b"HTTP/1.1 200 OK\r\n\r\n".to_vec()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_status() {
+        for bad in [
+            "200",
+            "200OK",
+            "20 OK",
+            "2000 OK",
+            "abc OK",
+            "200 ",
+            "100 Continue",
+            "101 Switching Protocols",
+            "200 O\rK",
+            "200 OK\n",
+            "099 X",
+        ] {
+            assert!(
+                matches!(head(bad, &[]), Err(HeadError::Status(_))),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(head("599 Custom Reason", &[]).is_ok());
+    }
+
+    #[test]
+    fn rejects_injection_and_hop_by_hop() {
+        assert!(matches!(
+            head("200 OK", &[("X-A", "a\r\nSet-Cookie: x")]),
+            Err(HeadError::HeaderValue { .. })
+        ));
+        assert!(matches!(
+            head("200 OK", &[("X-A", "a\0")]),
+            Err(HeadError::HeaderValue { .. })
+        ));
+        assert!(matches!(
+            head("200 OK", &[("X A", "v")]),
+            Err(HeadError::HeaderName(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("X:A", "v")]),
+            Err(HeadError::HeaderName(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("", "v")]),
+            Err(HeadError::HeaderName(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("Transfer-Encoding", "chunked")]),
+            Err(HeadError::HopByHop(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("connection", "close")]),
+            Err(HeadError::HopByHop(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("Status", "404 Not Found")]),
+            Err(HeadError::StatusHeader)
+        ));
+        assert!(head("200 OK", &[("X-Tab", "a\tb"), ("X-Latin", "caf\u{e9}")]).is_ok());
+    }
+
+    #[test]
+    fn content_length_must_be_one_decimal() {
+        assert!(matches!(
+            head("200 OK", &[("Content-Length", "-1")]),
+            Err(HeadError::ContentLength(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("Content-Length", "0x10")]),
+            Err(HeadError::ContentLength(_))
+        ));
+        assert!(matches!(
+            head("200 OK", &[("Content-Length", "1"), ("content-length", "1")]),
+            Err(HeadError::ContentLength(_))
+        ));
+        assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_decimal(b"18446744073709551616"), None);
+        assert_eq!(parse_decimal(b""), None);
+    }
+
+    #[test]
+    fn internal_error_is_consistent() {
+        let body_start = INTERNAL_ERROR.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(INTERNAL_ERROR.len() - body_start, 22);
+    }
+}
