@@ -49,12 +49,7 @@ pub struct Cli {
     pub wsgi_file: Option<PathBuf>,
 
     /// Name of the WSGI callable in the module or file.
-    #[arg(
-        long,
-        value_name = "NAME",
-        default_value = "application",
-        env = "OXWSGI_CALLABLE"
-    )]
+    #[arg(long, value_name = "NAME", default_value = "application", env = "OXWSGI_CALLABLE")]
     pub callable: String,
 
     /// Change to DIR before loading the app (it is also put on `sys.path`).
@@ -177,11 +172,7 @@ impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, ConfigError> {
-        let sockets = cli
-            .sockets
-            .iter()
-            .map(|s| parse_socket(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let sockets = cli.sockets.iter().map(|s| parse_socket(s)).collect::<Result<Vec<_>, _>>()?;
         let max_datasize = u16::try_from(cli.buffer_size).map_err(|_| {
             ConfigError(format!(
                 "--buffer-size {} is over 65535, the largest vars block the uwsgi protocol can carry",
@@ -195,10 +186,7 @@ impl TryFrom<Cli> for Config {
             return Err(ConfigError("--socket-timeout must be at least 1 second".into()));
         }
         if cli.listen == 0 || i32::try_from(cli.listen).is_err() {
-            return Err(ConfigError(format!(
-                "--listen {} is not a usable backlog",
-                cli.listen
-            )));
+            return Err(ConfigError(format!("--listen {} is not a usable backlog", cli.listen)));
         }
         let chmod_socket = cli.chmod_socket.as_deref().map(parse_mode).transpose()?;
         let (source, callable) = match (cli.module, cli.wsgi_file) {
@@ -208,9 +196,7 @@ impl TryFrom<Cli> for Config {
                     None => (module, cli.callable),
                 };
                 if module.is_empty() || callable.is_empty() {
-                    return Err(ConfigError(format!(
-                        "--module {module}:{callable} needs MODULE[:CALLABLE]"
-                    )));
+                    return Err(ConfigError(format!("--module {module}:{callable} needs MODULE[:CALLABLE]")));
                 }
                 (AppSource::Module(module), callable)
             }
@@ -219,18 +205,10 @@ impl TryFrom<Cli> for Config {
         };
         Ok(Config {
             sockets,
-            app: AppSpec {
-                source,
-                callable,
-                chdir: cli.chdir,
-                pythonpath: cli.pythonpath,
-            },
+            app: AppSpec { source, callable, chdir: cli.chdir, pythonpath: cli.pythonpath },
             pool: PoolConfig { threads: cli.threads },
             server: ServerConfig {
-                limits: Limits {
-                    max_datasize,
-                    ..Limits::default()
-                },
+                limits: Limits { max_datasize, ..Limits::default() },
                 limit_post: (cli.limit_post > 0).then_some(cli.limit_post),
                 socket_timeout: Duration::from_secs(cli.socket_timeout),
                 listen_backlog: cli.listen,
@@ -250,36 +228,23 @@ pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
     if text.contains('/') {
         return Ok(SocketSpec::Unix(PathBuf::from(text)));
     }
-    let with_host = if text.starts_with(':') {
-        format!("0.0.0.0{text}")
-    } else {
-        text.to_owned()
-    };
+    let with_host = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
     if let Ok(addr) = with_host.parse::<SocketAddr>() {
         return Ok(SocketSpec::Tcp(addr));
     }
     let bad = || {
-        ConfigError(format!(
-            "--socket {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"
-        ))
+        ConfigError(format!("--socket {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"))
     };
     if !with_host.contains(':') {
         return Err(bad());
     }
-    with_host
-        .to_socket_addrs()
-        .map_err(|_| bad())?
-        .next()
-        .map(SocketSpec::Tcp)
-        .ok_or_else(bad)
+    with_host.to_socket_addrs().map_err(|_| bad())?.next().map(SocketSpec::Tcp).ok_or_else(bad)
 }
 
 fn parse_mode(text: &str) -> Result<u32, ConfigError> {
     let valid = (1..=4).contains(&text.len()) && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
     if !valid {
-        return Err(ConfigError(format!(
-            "--chmod-socket {text}: expected an octal mode such as 660"
-        )));
+        return Err(ConfigError(format!("--chmod-socket {text}: expected an octal mode such as 660")));
     }
     u32::from_str_radix(text, 8).map_err(|_| ConfigError(format!("--chmod-socket {text}: not an octal mode")))
 }
@@ -296,26 +261,11 @@ mod tests {
 
     #[test]
     fn socket_forms() {
-        assert_eq!(
-            parse_socket("127.0.0.1:3031"),
-            Ok(SocketSpec::Tcp("127.0.0.1:3031".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_socket("[::1]:3031"),
-            Ok(SocketSpec::Tcp("[::1]:3031".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_socket(":3031"),
-            Ok(SocketSpec::Tcp("0.0.0.0:3031".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_socket("/run/app.sock"),
-            Ok(SocketSpec::Unix("/run/app.sock".into()))
-        );
-        assert_eq!(
-            parse_socket("unix:app.sock"),
-            Ok(SocketSpec::Unix("app.sock".into()))
-        );
+        assert_eq!(parse_socket("127.0.0.1:3031"), Ok(SocketSpec::Tcp("127.0.0.1:3031".parse().unwrap())));
+        assert_eq!(parse_socket("[::1]:3031"), Ok(SocketSpec::Tcp("[::1]:3031".parse().unwrap())));
+        assert_eq!(parse_socket(":3031"), Ok(SocketSpec::Tcp("0.0.0.0:3031".parse().unwrap())));
+        assert_eq!(parse_socket("/run/app.sock"), Ok(SocketSpec::Unix("/run/app.sock".into())));
+        assert_eq!(parse_socket("unix:app.sock"), Ok(SocketSpec::Unix("app.sock".into())));
         assert!(matches!(parse_socket("localhost:3031"), Ok(SocketSpec::Tcp(_))));
         assert!(parse_socket("nonsense").is_err());
         assert!(parse_socket("127.0.0.1:notaport").is_err());
@@ -358,13 +308,8 @@ mod tests {
         assert!(err.to_string().contains("65535"), "{err}");
         assert!(!err.to_string().contains('\n'));
         assert!(config(&["--socket", ":1", "--module", "m", "--socket-timeout", "0"]).is_err());
-        assert!(
-            Cli::try_parse_from(["oxwsgi", "--socket", ":1"]).is_err(),
-            "an app is required"
-        );
-        assert!(
-            Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--wsgi-file", "f.py"])
-                .is_err()
-        );
+        assert!(Cli::try_parse_from(["oxwsgi", "--socket", ":1"]).is_err(), "an app is required");
+        assert!(Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--wsgi-file", "f.py"])
+            .is_err());
     }
 }

@@ -44,11 +44,7 @@ pub struct Body {
 
 impl Body {
     pub fn empty() -> Self {
-        Self {
-            content_length: 0,
-            received: Bytes::new(),
-            rest: None,
-        }
+        Self { content_length: 0, received: Bytes::new(), rest: None }
     }
 }
 
@@ -56,28 +52,15 @@ impl Body {
 #[derive(Debug)]
 pub enum Reply {
     /// The whole response is known: written with one vectored write.
-    Full {
-        status: u16,
-        head: Bytes,
-        body: Vec<Bytes>,
-    },
+    Full { status: u16, head: Bytes, body: Vec<Bytes> },
     /// Head and first chunk now, the rest as the app produces it.
-    Stream {
-        status: u16,
-        head: Bytes,
-        first: Bytes,
-        rest: mpsc::Receiver<StreamItem>,
-    },
+    Stream { status: u16, head: Bytes, first: Bytes, rest: mpsc::Receiver<StreamItem> },
 }
 
 impl Reply {
     /// The 500 answer for an app that failed before sending anything.
     pub fn internal_error() -> Self {
-        Reply::Full {
-            status: 500,
-            head: Bytes::from_static(INTERNAL_ERROR),
-            body: Vec::new(),
-        }
+        Reply::Full { status: 500, head: Bytes::from_static(INTERNAL_ERROR), body: Vec::new() }
     }
 }
 

@@ -64,14 +64,8 @@ mod tests {
 
     #[test]
     fn display_is_one_lowercase_line_naming_the_numbers() {
-        let error = ProtocolError::DataSizeTooLarge {
-            size: 65000,
-            limit: 4096,
-        };
-        assert_eq!(
-            error.to_string(),
-            "vars block of 65000 bytes exceeds --buffer-size 4096"
-        );
+        let error = ProtocolError::DataSizeTooLarge { size: 65000, limit: 4096 };
+        assert_eq!(error.to_string(), "vars block of 65000 bytes exceeds --buffer-size 4096");
         assert_eq!(
             ProtocolError::TruncatedRecord { offset: 17 }.to_string(),
             "var at byte 17 runs past the end of the vars block"
@@ -100,10 +94,7 @@ mod tests {
         ]
         .map(|error| error.kind_label());
         for (i, label) in labels.iter().enumerate() {
-            assert!(
-                label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{label}"
-            );
+            assert!(label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{label}");
             assert!(!labels[..i].contains(label), "duplicate label {label}");
         }
         assert_eq!(labels[0], "datasize_too_large");

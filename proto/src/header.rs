@@ -35,12 +35,7 @@ impl Header {
 
 /// The reply to a ping: modifier1 100, datasize 0 (no warning message), modifier2 1.
 pub fn pong() -> [u8; HEADER_LEN] {
-    Header {
-        modifier1: MODIFIER_PING,
-        datasize: 0,
-        modifier2: MODIFIER2_PONG,
-    }
-    .encode()
+    Header { modifier1: MODIFIER_PING, datasize: 0, modifier2: MODIFIER2_PONG }.encode()
 }
 
 // header = modifier1:u8 datasize:u16le modifier2:u8
@@ -53,11 +48,7 @@ pub fn parse_header(input: &[u8]) -> Result<Option<Header>, ProtocolError> {
     let Some(&[modifier1, low, high, modifier2]) = input.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
-    Ok(Some(Header {
-        modifier1,
-        datasize: u16::from_le_bytes([low, high]),
-        modifier2,
-    }))
+    Ok(Some(Header { modifier1, datasize: u16::from_le_bytes([low, high]), modifier2 }))
 }
 
 #[cfg(test)]
@@ -68,35 +59,17 @@ mod tests {
     fn datasize_is_little_endian() {
         // The reference example: REQUEST_METHOD=GET, PATH_INFO=/ is a 35-byte (0x23) block.
         let header = parse_header(&[0x00, 0x23, 0x00, 0x00]).unwrap().unwrap();
-        assert_eq!(
-            header,
-            Header {
-                modifier1: 0,
-                datasize: 35,
-                modifier2: 0
-            }
-        );
+        assert_eq!(header, Header { modifier1: 0, datasize: 35, modifier2: 0 });
 
         let header = parse_header(&[7, 0x34, 0x12, 9]).unwrap().unwrap();
-        assert_eq!(
-            header,
-            Header {
-                modifier1: 7,
-                datasize: 0x1234,
-                modifier2: 9
-            }
-        );
+        assert_eq!(header, Header { modifier1: 7, datasize: 0x1234, modifier2: 9 });
         assert_eq!(header.encode(), [7, 0x34, 0x12, 9]);
     }
 
     #[test]
     fn encode_then_parse_round_trips() {
         for datasize in [0, 1, 0xff, 0x100, 21573, u16::MAX] {
-            let header = Header {
-                modifier1: 30,
-                datasize,
-                modifier2: 200,
-            };
+            let header = Header { modifier1: 30, datasize, modifier2: 200 };
             assert_eq!(parse_header(&header.encode()), Ok(Some(header)));
         }
     }

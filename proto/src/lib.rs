@@ -48,10 +48,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_datasize: DEFAULT_MAX_DATASIZE,
-            max_vars: DEFAULT_MAX_VARS,
-        }
+        Self { max_datasize: DEFAULT_MAX_DATASIZE, max_vars: DEFAULT_MAX_VARS }
     }
 }
 
@@ -85,10 +82,7 @@ pub fn parse_packet<'a>(
         return Ok(None);
     };
     if header.datasize > limits.max_datasize {
-        return Err(ProtocolError::DataSizeTooLarge {
-            size: header.datasize,
-            limit: limits.max_datasize,
-        });
+        return Err(ProtocolError::DataSizeTooLarge { size: header.datasize, limit: limits.max_datasize });
     }
     if header.modifier1 == MODIFIER_WSGI && header.datasize == 0 {
         return Err(ProtocolError::EmptyPacket);
@@ -126,11 +120,7 @@ pub fn encode_packet(
         push_field(&mut packet, value)?;
     }
     let datasize = u16::try_from(packet.len() - HEADER_LEN).map_err(|_| ProtocolError::FieldTooLong)?;
-    let header = Header {
-        modifier1,
-        datasize,
-        modifier2,
-    };
+    let header = Header { modifier1, datasize, modifier2 };
     packet[..HEADER_LEN].copy_from_slice(&header.encode());
     Ok(packet)
 }
@@ -145,17 +135,8 @@ fn push_field(packet: &mut Vec<u8>, field: &[u8]) -> Result<(), ProtocolError> {
 
 /// HTTP methods whose request line we recognise, each with its trailing space. The longest
 /// (`"OPTIONS "`, `"CONNECT "`) is 8 bytes, which is all [`looks_like_http`] ever reads.
-const HTTP_METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"HEAD ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+const HTTP_METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
 
 /// True if `input` starts with an HTTP request line (`GET `, `POST `, ... method and a space):
 /// someone pointed an HTTP client or `proxy_pass` at the uwsgi socket, and deserves a readable
@@ -173,10 +154,7 @@ pub fn looks_like_http(input: &[u8]) -> bool {
 mod tests {
     use super::{encode_packet, looks_like_http, parse_packet, Header, Limits, ProtocolError, HEADER_LEN};
 
-    const SMALL: Limits = Limits {
-        max_datasize: 64,
-        max_vars: 4,
-    };
+    const SMALL: Limits = Limits { max_datasize: 64, max_vars: 4 };
 
     #[test]
     fn encode_then_parse_round_trips() {
@@ -194,11 +172,7 @@ mod tests {
         assert_eq!(consumed, packet_len);
         assert_eq!(
             packet.header,
-            Header {
-                modifier1: 0,
-                datasize: (packet_len - HEADER_LEN) as u16,
-                modifier2: 0
-            }
+            Header { modifier1: 0, datasize: (packet_len - HEADER_LEN) as u16, modifier2: 0 }
         );
         assert_eq!(packet.vars.iter().collect::<Vec<_>>(), vars);
         assert_eq!(&bytes[consumed..], b"body bytes");
@@ -207,10 +181,7 @@ mod tests {
     #[test]
     fn encode_matches_the_reference_example_bytes() {
         let bytes = encode_packet(0, 0, &[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/")]).unwrap();
-        assert_eq!(
-            bytes,
-            b"\x00\x23\x00\x00\x0e\x00REQUEST_METHOD\x03\x00GET\x09\x00PATH_INFO\x01\x00/"
-        );
+        assert_eq!(bytes, b"\x00\x23\x00\x00\x0e\x00REQUEST_METHOD\x03\x00GET\x09\x00PATH_INFO\x01\x00/");
     }
 
     #[test]
@@ -219,21 +190,12 @@ mod tests {
         assert_eq!(empty_key, Err(ProtocolError::EmptyKey { offset: 6 }));
 
         let too_long = vec![b'a'; usize::from(u16::MAX) + 1];
-        assert_eq!(
-            encode_packet(0, 0, &[(&too_long, b"")]),
-            Err(ProtocolError::FieldTooLong)
-        );
-        assert_eq!(
-            encode_packet(0, 0, &[(b"K", &too_long)]),
-            Err(ProtocolError::FieldTooLong)
-        );
+        assert_eq!(encode_packet(0, 0, &[(&too_long, b"")]), Err(ProtocolError::FieldTooLong));
+        assert_eq!(encode_packet(0, 0, &[(b"K", &too_long)]), Err(ProtocolError::FieldTooLong));
 
         // Each value fits its u16, but the block does not: 2 x (2 + 1 + 2 + 40000) > 65535.
         let big = vec![b'v'; 40_000];
-        assert_eq!(
-            encode_packet(0, 0, &[(b"A", &big), (b"B", &big)]),
-            Err(ProtocolError::FieldTooLong)
-        );
+        assert_eq!(encode_packet(0, 0, &[(b"A", &big), (b"B", &big)]), Err(ProtocolError::FieldTooLong));
 
         // The largest block that fits: 2 + 1 + 2 + 65530 = 65535 bytes.
         let largest = vec![b'v'; 65_530];
@@ -246,53 +208,29 @@ mod tests {
     fn incomplete_header_or_block_is_none() {
         let bytes = encode_packet(0, 0, &[(b"A", b"1")]).unwrap();
         for len in 0..bytes.len() {
-            assert_eq!(
-                parse_packet(&bytes[..len], &SMALL),
-                Ok(None),
-                "prefix of {len} bytes"
-            );
+            assert_eq!(parse_packet(&bytes[..len], &SMALL), Ok(None), "prefix of {len} bytes");
         }
         assert!(parse_packet(&bytes, &SMALL).unwrap().is_some());
     }
 
     #[test]
     fn oversized_datasize_fails_as_soon_as_the_header_is_in() {
-        let header = Header {
-            modifier1: 0,
-            datasize: 65,
-            modifier2: 0,
-        }
-        .encode();
+        let header = Header { modifier1: 0, datasize: 65, modifier2: 0 }.encode();
         let expected = Err(ProtocolError::DataSizeTooLarge { size: 65, limit: 64 });
         assert_eq!(parse_packet(&header[..3], &SMALL), Ok(None));
         assert_eq!(parse_packet(&header, &SMALL), expected);
         // At the limit itself, the parser waits for the block instead.
-        let at_limit = Header {
-            modifier1: 0,
-            datasize: 64,
-            modifier2: 0,
-        }
-        .encode();
+        let at_limit = Header { modifier1: 0, datasize: 64, modifier2: 0 }.encode();
         assert_eq!(parse_packet(&at_limit, &SMALL), Ok(None));
     }
 
     #[test]
     fn empty_packet_is_an_error_only_for_wsgi_requests() {
-        assert_eq!(
-            parse_packet(&[0, 0, 0, 0], &SMALL),
-            Err(ProtocolError::EmptyPacket)
-        );
+        assert_eq!(parse_packet(&[0, 0, 0, 0], &SMALL), Err(ProtocolError::EmptyPacket));
 
         // A ping has datasize 0 too, and is a complete, valid packet.
         let (ping, consumed) = parse_packet(&[100, 0, 0, 0, 0xaa], &SMALL).unwrap().unwrap();
-        assert_eq!(
-            ping.header,
-            Header {
-                modifier1: 100,
-                datasize: 0,
-                modifier2: 0
-            }
-        );
+        assert_eq!(ping.header, Header { modifier1: 100, datasize: 0, modifier2: 0 });
         assert!(ping.vars.is_empty());
         assert_eq!(consumed, HEADER_LEN);
     }
@@ -302,23 +240,14 @@ mod tests {
         let five_vars: Vec<(&[u8], &[u8])> =
             vec![(b"A", b""), (b"B", b""), (b"C", b""), (b"D", b""), (b"E", b"")];
         let bytes = encode_packet(0, 0, &five_vars).unwrap();
-        assert_eq!(
-            parse_packet(&bytes, &SMALL),
-            Err(ProtocolError::TooManyVars { limit: 4 })
-        );
+        assert_eq!(parse_packet(&bytes, &SMALL), Err(ProtocolError::TooManyVars { limit: 4 }));
 
         // Header says 3 bytes of vars; the block holds a key length of 5 and 1 key byte.
         let truncated = [0, 3, 0, 0, 5, 0, b'K'];
-        assert_eq!(
-            parse_packet(&truncated, &SMALL),
-            Err(ProtocolError::TruncatedRecord { offset: 0 })
-        );
+        assert_eq!(parse_packet(&truncated, &SMALL), Err(ProtocolError::TruncatedRecord { offset: 0 }));
 
         let empty_key = [0, 4, 0, 0, 0, 0, 0, 0];
-        assert_eq!(
-            parse_packet(&empty_key, &SMALL),
-            Err(ProtocolError::EmptyKey { offset: 0 })
-        );
+        assert_eq!(parse_packet(&empty_key, &SMALL), Err(ProtocolError::EmptyKey { offset: 0 }));
     }
 
     #[test]
@@ -346,13 +275,9 @@ mod tests {
 
     #[test]
     fn near_misses_and_uwsgi_packets_are_not_http() {
-        for input in [
-            &b"GETX / HTTP/1.1"[..],
-            b"get / HTTP/1.1",
-            b"GET\t/",
-            b" GET /",
-            b"\x16\x03\x01\x02\x00",
-        ] {
+        for input in
+            [&b"GETX / HTTP/1.1"[..], b"get / HTTP/1.1", b"GET\t/", b" GET /", b"\x16\x03\x01\x02\x00"]
+        {
             assert!(!looks_like_http(input), "{}", String::from_utf8_lossy(input));
         }
         let request = encode_packet(0, 0, &[(b"REQUEST_METHOD", b"GET")]).unwrap();

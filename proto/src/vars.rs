@@ -26,10 +26,7 @@ pub struct Vars<'a> {
 impl<'a> Vars<'a> {
     /// The records as `(key, value)`, in wire order, duplicates included.
     pub fn iter(&self) -> VarsIter<'a> {
-        VarsIter {
-            rest: self.block,
-            remaining: self.count,
-        }
+        VarsIter { rest: self.block, remaining: self.count }
     }
 
     /// Number of records, duplicates included.
@@ -44,10 +41,7 @@ impl<'a> Vars<'a> {
     /// The value of `key`. If the key repeats (nginx before 1.23 sends a repeated client header
     /// as repeated records), the last occurrence wins, as in uWSGI.
     pub fn get(&self, key: &[u8]) -> Option<&'a [u8]> {
-        self.iter()
-            .filter(|&(candidate, _)| candidate == key)
-            .map(|(_, value)| value)
-            .last()
+        self.iter().filter(|&(candidate, _)| candidate == key).map(|(_, value)| value).last()
     }
 
     /// The raw vars block, exactly as received.
@@ -111,11 +105,7 @@ impl FusedIterator for VarsIter<'_> {}
 // allocated for it). Runs in nom's complete mode: the caller hands over the whole block, so
 // running out of bytes here means truncated, not incomplete.
 fn parse_record(input: &[u8]) -> IResult<&[u8], (&[u8], &[u8])> {
-    (
-        verify(length_data(le_u16()), |key: &[u8]| !key.is_empty()),
-        length_data(le_u16()),
-    )
-        .parse_complete(input)
+    (verify(length_data(le_u16()), |key: &[u8]| !key.is_empty()), length_data(le_u16())).parse_complete(input)
 }
 
 // vars = record*          ; exactly `datasize` bytes, no padding, no terminator
@@ -172,10 +162,7 @@ mod tests {
         assert_eq!(vars.len(), 2);
         assert_eq!(
             vars.iter().collect::<Vec<_>>(),
-            [
-                (&b"REQUEST_METHOD"[..], &b"GET"[..]),
-                (&b"PATH_INFO"[..], &b"/"[..])
-            ]
+            [(&b"REQUEST_METHOD"[..], &b"GET"[..]), (&b"PATH_INFO"[..], &b"/"[..])]
         );
         assert_eq!(vars.get(b"PATH_INFO"), Some(&b"/"[..]));
         assert_eq!(vars.get(b"path_info"), None, "keys are compared byte for byte");
@@ -199,12 +186,9 @@ mod tests {
 
     #[test]
     fn duplicate_key_last_occurrence_wins_but_iteration_keeps_both() {
-        let block = [
-            record(b"HTTP_COOKIE", b"a=1"),
-            record(b"HTTP_HOST", b"x"),
-            record(b"HTTP_COOKIE", b"b=2"),
-        ]
-        .concat();
+        let block =
+            [record(b"HTTP_COOKIE", b"a=1"), record(b"HTTP_HOST", b"x"), record(b"HTTP_COOKIE", b"b=2")]
+                .concat();
         let vars = parse_vars(&block, 10).unwrap();
         assert_eq!(vars.get(b"HTTP_COOKIE"), Some(&b"b=2"[..]));
         let cookies: Vec<_> = vars.iter().filter(|(key, _)| *key == b"HTTP_COOKIE").collect();
@@ -226,16 +210,10 @@ mod tests {
     fn empty_key_is_rejected_at_its_record_offset() {
         let first = record(b"A", b"1");
         let block = [first.clone(), record(b"", b"value")].concat();
-        assert_eq!(
-            parse_vars(&block, 10),
-            Err(ProtocolError::EmptyKey { offset: first.len() })
-        );
+        assert_eq!(parse_vars(&block, 10), Err(ProtocolError::EmptyKey { offset: first.len() }));
         // The key length is checked before the value: an empty key with nothing after it is
         // still reported as an empty key (uWSGI checks in the same order).
-        assert_eq!(
-            parse_vars(b"\x00\x00", 10),
-            Err(ProtocolError::EmptyKey { offset: 0 })
-        );
+        assert_eq!(parse_vars(b"\x00\x00", 10), Err(ProtocolError::EmptyKey { offset: 0 }));
     }
 
     #[test]
@@ -259,20 +237,14 @@ mod tests {
             );
         }
         // A length that claims far more than the block holds is bounded, not trusted.
-        assert_eq!(
-            parse_vars(b"\xff\xffKEY", 10),
-            Err(ProtocolError::TruncatedRecord { offset: 0 })
-        );
+        assert_eq!(parse_vars(b"\xff\xffKEY", 10), Err(ProtocolError::TruncatedRecord { offset: 0 }));
     }
 
     #[test]
     fn too_many_vars_is_rejected_only_past_the_limit() {
         let block = [record(b"A", b"1"), record(b"B", b"2"), record(b"C", b"3")].concat();
         assert_eq!(parse_vars(&block, 3).unwrap().len(), 3);
-        assert_eq!(
-            parse_vars(&block, 2),
-            Err(ProtocolError::TooManyVars { limit: 2 })
-        );
+        assert_eq!(parse_vars(&block, 2), Err(ProtocolError::TooManyVars { limit: 2 }));
         assert_eq!(parse_vars(b"", 0).unwrap().len(), 0);
     }
 }

@@ -37,8 +37,7 @@ fn parse_fixture(bytes: &[u8]) -> (Packet<'_>, &[u8]) {
 }
 
 fn var<'a>(vars: &Vars<'a>, key: &str) -> &'a [u8] {
-    vars.get(key.as_bytes())
-        .unwrap_or_else(|| panic!("{key} missing"))
+    vars.get(key.as_bytes()).unwrap_or_else(|| panic!("{key} missing"))
 }
 
 /// `CONTENT_LENGTH` as a number; nginx sends `""` when there is no body.
@@ -127,10 +126,7 @@ fn post_form() {
     assert_eq!(body, b"name=ox&lang=rust");
     // nginx passes the body headers twice: as CGI vars and again as HTTP_* copies.
     assert_eq!(var(&vars, "HTTP_CONTENT_LENGTH"), b"17");
-    assert_eq!(
-        var(&vars, "HTTP_CONTENT_TYPE"),
-        b"application/x-www-form-urlencoded"
-    );
+    assert_eq!(var(&vars, "HTTP_CONTENT_TYPE"), b"application/x-www-form-urlencoded");
 }
 
 #[test]
@@ -157,15 +153,9 @@ fn header_16k() {
 
 #[test]
 fn header_16k_is_refused_with_uwsgi_default_buffer_size_as_soon_as_the_header_is_in() {
-    let limits = Limits {
-        max_datasize: UWSGI_DEFAULT_BUFFER_SIZE,
-        ..Limits::default()
-    };
+    let limits = Limits { max_datasize: UWSGI_DEFAULT_BUFFER_SIZE, ..Limits::default() };
     let datasize = u16::from_le_bytes([HEADER_16K[1], HEADER_16K[2]]);
-    let expected = Err(ProtocolError::DataSizeTooLarge {
-        size: datasize,
-        limit: UWSGI_DEFAULT_BUFFER_SIZE,
-    });
+    let expected = Err(ProtocolError::DataSizeTooLarge { size: datasize, limit: UWSGI_DEFAULT_BUFFER_SIZE });
     assert_eq!(parse_packet(&HEADER_16K[..HEADER_LEN], &limits), expected);
     assert_eq!(parse_packet(HEADER_16K, &limits), expected);
 }
@@ -174,10 +164,7 @@ fn header_16k_is_refused_with_uwsgi_default_buffer_size_as_soon_as_the_header_is
 fn headers_80() {
     let (packet, _) = parse_fixture(HEADERS_80);
     let vars = packet.vars;
-    let x_h: Vec<_> = vars
-        .iter()
-        .filter(|(key, _)| key.starts_with(b"HTTP_X_H_"))
-        .collect();
+    let x_h: Vec<_> = vars.iter().filter(|(key, _)| key.starts_with(b"HTTP_X_H_")).collect();
     assert_eq!(x_h.len(), 80);
     for (n, (key, value)) in (1..=80).zip(x_h) {
         assert_eq!(key, format!("HTTP_X_H_{n}").as_bytes());
@@ -190,19 +177,10 @@ fn headers_80() {
 fn headers_80_respects_max_vars_exactly() {
     let (packet, _) = parse_fixture(HEADERS_80);
     let count = packet.vars.len();
-    let exact = Limits {
-        max_vars: count,
-        ..Limits::default()
-    };
+    let exact = Limits { max_vars: count, ..Limits::default() };
     assert!(parse_packet(HEADERS_80, &exact).unwrap().is_some());
-    let one_short = Limits {
-        max_vars: count - 1,
-        ..Limits::default()
-    };
-    assert_eq!(
-        parse_packet(HEADERS_80, &one_short),
-        Err(ProtocolError::TooManyVars { limit: count - 1 })
-    );
+    let one_short = Limits { max_vars: count - 1, ..Limits::default() };
+    assert_eq!(parse_packet(HEADERS_80, &one_short), Err(ProtocolError::TooManyVars { limit: count - 1 }));
 }
 
 #[test]
@@ -227,11 +205,7 @@ fn head() {
 fn duplicate_headers_arrive_as_repeated_records_and_the_last_wins() {
     let (packet, _) = parse_fixture(DUPLICATE_HEADERS);
     let vars = packet.vars;
-    let cookies: Vec<&[u8]> = vars
-        .iter()
-        .filter(|(key, _)| *key == b"HTTP_COOKIE")
-        .map(|(_, v)| v)
-        .collect();
+    let cookies: Vec<&[u8]> = vars.iter().filter(|(key, _)| *key == b"HTTP_COOKIE").map(|(_, v)| v).collect();
     assert_eq!(cookies, [&b"a=1"[..], b"b=2"]);
     assert_eq!(var(&vars, "HTTP_COOKIE"), b"b=2");
     assert_eq!(var(&vars, "HTTP_X_DUP"), b"second");

@@ -101,10 +101,7 @@ impl fmt::Display for Refused {
                 write!(f, "connection closed after {received} bytes of a request")
             }
             Self::Protocol(err) => write!(f, "invalid uwsgi packet: {err}"),
-            Self::Modifier(m) => write!(
-                f,
-                "unsupported uwsgi modifier1 {m} (only 0 = WSGI and 100 = ping)"
-            ),
+            Self::Modifier(m) => write!(f, "unsupported uwsgi modifier1 {m} (only 0 = WSGI and 100 = ping)"),
             Self::PlainHttp => {
                 f.write_str("plain HTTP sent to the uwsgi socket (use uwsgi_pass, not proxy_pass)")
             }
@@ -139,19 +136,13 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
             let _ = write_all(&mut writer, &[&oxwsgi_proto::pong()], config.socket_timeout).await;
             return;
         }
-        Ok(Incoming::Request {
-            packet_len,
-            content_length,
-            head_only,
-        }) => (packet_len, content_length, head_only),
-        Err((refused, content_length)) => {
+        Ok(Incoming::Request { packet_len, content_length, head_only }) => {
+            (packet_len, content_length, head_only)
+        }
+        Err((refused, unread)) => {
             warn!("refused a connection: {refused}");
             if let Some(reply) = refused.reply() {
-                if write_all(&mut writer, &[reply], config.socket_timeout)
-                    .await
-                    .is_ok()
-                {
-                    let unread = content_length.saturating_sub(buf.len() as u64);
+                if write_all(&mut writer, &[reply], config.socket_timeout).await.is_ok() {
                     drain(&mut reader, unread, config.socket_timeout).await;
                 }
             }
@@ -160,9 +151,7 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
     };
 
     let vars = buf.split_to(packet_len).freeze().slice(HEADER_LEN..);
-    let in_buffer = usize::try_from(content_length)
-        .unwrap_or(usize::MAX)
-        .min(buf.len());
+    let in_buffer = usize::try_from(content_length).unwrap_or(usize::MAX).min(buf.len());
     let received = buf.split_to(in_buffer).freeze();
     let unread = content_length - received.len() as u64;
     let (body_sender, rest) = if unread > 0 {
@@ -174,11 +163,7 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
     let line = RequestLine(vars.clone());
     let request = Request {
         vars,
-        body: Body {
-            content_length,
-            received,
-            rest,
-        },
+        body: Body { content_length, received, rest },
         head_only,
         listener: Arc::clone(&context.listener),
         accepted_at,
@@ -189,13 +174,7 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
     };
 
     let response_done = Notify::new();
-    let pump = pump_body(
-        &mut reader,
-        unread,
-        body_sender,
-        &response_done,
-        config.socket_timeout,
-    );
+    let pump = pump_body(&mut reader, unread, body_sender, &response_done, config.socket_timeout);
     let respond = async {
         let outcome = respond(&mut writer, reply, config.socket_timeout).await;
         response_done.notify_one();
@@ -220,7 +199,8 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
     }
 }
 
-/// Reads up to the end of the vars block. `Err` carries the `CONTENT_LENGTH`, when known, to drain after a reply.
+/// Reads up to the end of the vars block. `Err` carries how many body bytes are still unread, to drain
+/// after a reply.
 async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
@@ -231,11 +211,7 @@ async fn read_request<R: AsyncRead + Unpin>(
         if let Some(header) = parse_header(buf).map_err(|e| refuse(Refused::Protocol(e)))? {
             break header;
         }
-        if read_more(reader, buf, config.socket_timeout)
-            .await
-            .map_err(refuse)?
-            == 0
-        {
+        if read_more(reader, buf, config.socket_timeout).await.map_err(refuse)? == 0 {
             return if buf.is_empty() {
                 Ok(Incoming::Nothing)
             } else {
@@ -248,11 +224,7 @@ async fn read_request<R: AsyncRead + Unpin>(
         MODIFIER_PING if header.datasize == 0 => return Ok(Incoming::Ping),
         first if first.is_ascii_uppercase() => {
             // Every HTTP method starts with an uppercase letter, which no request modifier is.
-            while buf.len() < 8
-                && read_more(reader, buf, config.socket_timeout)
-                    .await
-                    .is_ok_and(|n| n > 0)
-            {}
+            while buf.len() < 8 && read_more(reader, buf, config.socket_timeout).await.is_ok_and(|n| n > 0) {}
             let refused = if oxwsgi_proto::looks_like_http(buf) {
                 Refused::PlainHttp
             } else {
@@ -267,36 +239,21 @@ async fn read_request<R: AsyncRead + Unpin>(
             parse_packet(buf, &config.limits).map_err(|e| refuse(Refused::Protocol(e)))?
         {
             let vars = packet.vars;
-            let method = vars
-                .get(b"REQUEST_METHOD")
-                .ok_or(refuse(Refused::BadRequest("no REQUEST_METHOD")))?;
+            let method =
+                vars.get(b"REQUEST_METHOD").ok_or(refuse(Refused::BadRequest("no REQUEST_METHOD")))?;
             let content_length = match vars.get(b"CONTENT_LENGTH") {
                 None | Some(b"") => 0,
                 Some(value) => parse_decimal(value)
                     .ok_or(refuse(Refused::BadRequest("CONTENT_LENGTH is not a number")))?,
             };
             if let Some(limit) = config.limit_post.filter(|&limit| content_length > limit) {
-                let remaining = content_length.saturating_sub((buf.len() - packet_len) as u64);
-                return Err((
-                    Refused::BodyTooLarge {
-                        length: content_length,
-                        limit,
-                    },
-                    remaining + (buf.len() - packet_len) as u64,
-                ));
+                let unread = content_length.saturating_sub((buf.len() - packet_len) as u64);
+                return Err((Refused::BodyTooLarge { length: content_length, limit }, unread));
             }
-            return Ok(Incoming::Request {
-                packet_len,
-                content_length,
-                head_only: method == b"HEAD",
-            });
+            return Ok(Incoming::Request { packet_len, content_length, head_only: method == b"HEAD" });
         }
         buf.reserve(HEADER_LEN + usize::from(header.datasize) - buf.len());
-        if read_more(reader, buf, config.socket_timeout)
-            .await
-            .map_err(refuse)?
-            == 0
-        {
+        if read_more(reader, buf, config.socket_timeout).await.map_err(refuse)? == 0 {
             return Err(refuse(Refused::Truncated { received: buf.len() }));
         }
     }
@@ -357,10 +314,8 @@ async fn pump_body<R: AsyncRead + Unpin>(
         }
         return;
     }
-    if unread > 0 {
-        response_done.notified().await;
-        drain(reader, unread, wait).await;
-    }
+    // The app is done with the body (it dropped it, or its response is written): discard the rest.
+    drain(reader, unread, wait).await;
 }
 
 /// Reads and discards up to `unread` bytes (at most [`MAX_DRAIN_BYTES`], each read within `wait`).
@@ -409,23 +364,10 @@ async fn respond<W: AsyncWrite + Unpin>(
                 Ok(()) => End::Complete,
                 Err(err) => End::WriteFailed(err),
             };
-            Outcome {
-                status,
-                body_bytes,
-                end,
-            }
+            Outcome { status, body_bytes, end }
         }
-        Reply::Stream {
-            status,
-            head,
-            first,
-            mut rest,
-        } => {
-            let mut outcome = Outcome {
-                status,
-                body_bytes: first.len() as u64,
-                end: End::Complete,
-            };
+        Reply::Stream { status, head, first, mut rest } => {
+            let mut outcome = Outcome { status, body_bytes: first.len() as u64, end: End::Complete };
             if let Err(err) = write_all(writer, &[&head, &first], wait).await {
                 outcome.end = End::WriteFailed(err);
                 return outcome;
@@ -452,11 +394,8 @@ async fn respond<W: AsyncWrite + Unpin>(
 
 /// Writes every part, vectored, each write within `wait`.
 async fn write_all<W: AsyncWrite + Unpin>(writer: &mut W, parts: &[&[u8]], wait: Duration) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| IoSlice::new(p))
-        .collect();
+    let mut slices: Vec<IoSlice<'_>> =
+        parts.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
         let batch = &slices[..slices.len().min(MAX_IOVECS)];
@@ -480,16 +419,8 @@ impl fmt::Display for RequestLine {
             return f.write_str("?");
         };
         let method = vars.get(b"REQUEST_METHOD").unwrap_or_default();
-        let uri = vars
-            .get(b"REQUEST_URI")
-            .or_else(|| vars.get(b"PATH_INFO"))
-            .unwrap_or_default();
-        write!(
-            f,
-            "{} {}",
-            String::from_utf8_lossy(method),
-            String::from_utf8_lossy(uri)
-        )
+        let uri = vars.get(b"REQUEST_URI").or_else(|| vars.get(b"PATH_INFO")).unwrap_or_default();
+        write!(f, "{} {}", String::from_utf8_lossy(method), String::from_utf8_lossy(uri))
     }
 }
 

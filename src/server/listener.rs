@@ -50,10 +50,7 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
     };
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
-    Ok(BoundSocket {
-        spec: spec.clone(),
-        socket,
-    })
+    Ok(BoundSocket { spec: spec.clone(), socket })
 }
 
 fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -61,16 +58,10 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         return Ok(());
     };
     if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "the path exists and is not a socket",
-        ));
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket"));
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            "another server is listening on this socket",
-        ));
+        return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening on this socket"));
     }
     std::fs::remove_file(path)
 }
@@ -102,10 +93,7 @@ impl Listener {
             }
             SocketSpec::Unix(path) => {
                 let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(bound.socket))?;
-                let info = ListenerInfo {
-                    server_name: "localhost".into(),
-                    server_port: String::new(),
-                };
+                let info = ListenerInfo { server_name: "localhost".into(), server_port: String::new() };
                 Ok((Listener::Unix { listener, path }, Arc::new(info)))
             }
         }

@@ -43,11 +43,7 @@ pub async fn run(
     for socket in sockets {
         names.push(socket.spec.to_string());
         let (listener, info) = Listener::register(socket)?;
-        let context = Arc::new(Context {
-            config,
-            handler: Arc::clone(&handler),
-            listener: info,
-        });
+        let context = Arc::new(Context { config, handler: Arc::clone(&handler), listener: info });
         accept_loops.push(tokio::spawn(accept_loop(
             listener,
             context,
@@ -68,14 +64,8 @@ pub async fn run(
         }
     }
     connections.close();
-    if tokio::time::timeout(GRACEFUL_TIMEOUT, connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            "{} requests still running after {GRACEFUL_TIMEOUT:?}; stopping anyway",
-            connections.len()
-        );
+    if tokio::time::timeout(GRACEFUL_TIMEOUT, connections.wait()).await.is_err() {
+        warn!("{} requests still running after {GRACEFUL_TIMEOUT:?}; stopping anyway", connections.len());
     }
     Ok(())
 }

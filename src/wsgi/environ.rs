@@ -82,10 +82,7 @@ pub(super) struct EnvironTemplate {
 
 impl EnvironTemplate {
     pub(super) fn new(py: Python<'_>, multithread: bool) -> PyResult<Self> {
-        let keys = COMMON_KEYS
-            .iter()
-            .map(|k| (k.as_bytes(), PyString::intern(py, k).unbind()))
-            .collect();
+        let keys = COMMON_KEYS.iter().map(|k| (k.as_bytes(), PyString::intern(py, k).unbind())).collect();
         let constants = PyDict::new(py);
         constants.set_item("wsgi.version", (1, 0))?;
         constants.set_item("wsgi.errors", Py::new(py, ErrorStream::new())?)?;
@@ -273,10 +270,7 @@ mod tests {
         assert!(!is_https(&seen(&[(b"HTTPS", b"off")])));
         assert!(is_https(&seen(&[(b"REQUEST_SCHEME", b"https")])));
         assert!(!is_https(&seen(&[(b"REQUEST_SCHEME", b"http"), (b"HTTPS", b"")])));
-        assert!(is_https(&seen(&[
-            (b"UWSGI_SCHEME", b"https"),
-            (b"REQUEST_SCHEME", b"http")
-        ])));
+        assert!(is_https(&seen(&[(b"UWSGI_SCHEME", b"https"), (b"REQUEST_SCHEME", b"http")])));
         assert!(!is_https(&seen(&[(b"UWSGI_SCHEME", b"javascript")])));
     }
 

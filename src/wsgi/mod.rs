@@ -82,10 +82,7 @@ impl std::error::Error for LoadError {}
 /// Starts the interpreter and imports the app. Must run before any socket accepts, so that a broken app
 /// fails loudly at start instead of answering 502s.
 pub fn load(spec: &AppSpec) -> Result<App, LoadError> {
-    let fail = |cause: String| LoadError {
-        app: spec.to_string(),
-        cause,
-    };
+    let fail = |cause: String| LoadError { app: spec.to_string(), cause };
     if let Some(dir) = &spec.chdir {
         std::env::set_current_dir(dir).map_err(|e| fail(format!("--chdir {}: {e}", dir.display())))?;
     }
@@ -106,13 +103,9 @@ pub fn load(spec: &AppSpec) -> Result<App, LoadError> {
             loader.call_method1("find_callable", (module, &spec.callable, where_))
         });
         match loaded {
-            Ok(app) => Ok(App {
-                callable: app.unbind(),
-            }),
+            Ok(app) => Ok(App { callable: app.unbind() }),
             Err(err) => {
-                let not_found = loader
-                    .getattr("AppNotFound")
-                    .is_ok_and(|cls| err.is_instance(py, &cls));
+                let not_found = loader.getattr("AppNotFound").is_ok_and(|cls| err.is_instance(py, &cls));
                 if !not_found {
                     err.print(py);
                 }
@@ -147,10 +140,7 @@ fn prepare_interpreter(py: Python<'_>, spec: &AppSpec) -> PyResult<()> {
 }
 
 fn absolute(path: &Path) -> String {
-    std::path::absolute(path)
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string()
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string()
 }
 
 fn cstring(code: &str) -> CString {
@@ -160,24 +150,16 @@ fn cstring(code: &str) -> CString {
 
 /// `ExceptionType: message`, on one line.
 fn describe(py: Python<'_>, err: &PyErr) -> String {
-    let kind = err
-        .get_type(py)
-        .name()
-        .map_or_else(|_| "Exception".to_owned(), |n| n.to_string());
+    let kind = err.get_type(py).name().map_or_else(|_| "Exception".to_owned(), |n| n.to_string());
     let message = err.value(py).str().map(|s| s.to_string()).unwrap_or_default();
-    let line = if message.is_empty() {
-        kind
-    } else {
-        format!("{kind}: {message}")
-    };
+    let line = if message.is_empty() { kind } else { format!("{kind}: {message}") };
     line.replace('\n', " ")
 }
 
 /// The full Python traceback of `err`, for the log.
 fn traceback(py: Python<'_>, err: &PyErr) -> String {
-    let formatted = py
-        .import("traceback")
-        .and_then(|tb| tb.call_method1("format_exception", (err.value(py),)));
+    let formatted =
+        py.import("traceback").and_then(|tb| tb.call_method1("format_exception", (err.value(py),)));
     match formatted.and_then(|lines| PyString::new(py, "").call_method1("join", (lines,))) {
         Ok(text) => text.to_string().trim_end().to_owned(),
         Err(_) => describe(py, err),

@@ -39,10 +39,7 @@ impl Pool {
     pub(super) fn start(app: App, config: PoolConfig) -> PyResult<Self> {
         let threads = config.threads.get();
         let shared = Python::attach(|py| -> PyResult<Shared> {
-            Ok(Shared {
-                app: app.callable,
-                environ: EnvironTemplate::new(py, threads > 1)?,
-            })
+            Ok(Shared { app: app.callable, environ: EnvironTemplate::new(py, threads > 1)? })
         })?;
         let shared = Arc::new(shared);
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
@@ -56,27 +53,14 @@ impl Pool {
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
-        Ok(Self {
-            jobs: Mutex::new(Some(jobs)),
-            threads: Mutex::new(handles),
-            capacity: threads,
-        })
+        Ok(Self { jobs: Mutex::new(Some(jobs)), threads: Mutex::new(handles), capacity: threads })
     }
 
     /// Lets the threads finish the queued requests, then joins them.
     pub fn shutdown(&self) {
-        drop(
-            self.jobs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take(),
-        );
-        let handles = std::mem::take(
-            &mut *self
-                .threads
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        drop(self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for handle in handles {
             let _ = handle.join();
         }
@@ -90,17 +74,9 @@ impl Handler for Pool {
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Reply>, Rejected> {
         let (reply, receiver) = oneshot::channel();
-        let jobs = self
-            .jobs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let jobs = jobs.as_ref().ok_or(Rejected)?;
-        jobs.send(Job {
-            request,
-            reply,
-            _permit: permit,
-        })
-        .map_err(|_| Rejected)?;
+        jobs.send(Job { request, reply, _permit: permit }).map_err(|_| Rejected)?;
         Ok(receiver)
     }
 
@@ -120,11 +96,7 @@ fn serve_jobs(py: Python<'_>, shared: &Shared, queue: &crossbeam_channel::Receiv
 
 /// One request: environ, app call, iteration, `close()` — always — and the reply.
 fn run(py: Python<'_>, shared: &Shared, job: Job) {
-    let Job {
-        request,
-        reply,
-        _permit,
-    } = job;
+    let Job { request, reply, _permit } = job;
     let target = RequestLabel(request.vars.clone());
     let sink = Sink::new(reply, request.head_only);
     let result = (|| -> Result<(), Failure> {
@@ -140,15 +112,11 @@ fn run(py: Python<'_>, shared: &Shared, job: Job) {
         Ok(()) => {}
         Err(Failure::Python(err)) => {
             error!(request = %target, "app raised an exception:\n{}", traceback(py, &err));
-            sink.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .fail();
+            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fail();
         }
         Err(Failure::Wsgi(reason)) => {
             error!(request = %target, "WSGI violation: {reason}");
-            sink.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .fail();
+            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fail();
         }
         Err(Failure::ClientGone) => {
             info!(request = %target, "client closed the connection before the response ended");
@@ -174,10 +142,7 @@ impl std::fmt::Display for RequestLabel {
             return f.write_str("?");
         };
         let text = |key: &[u8]| String::from_utf8_lossy(vars.get(key).unwrap_or_default()).into_owned();
-        let uri = vars
-            .get(b"REQUEST_URI")
-            .or_else(|| vars.get(b"PATH_INFO"))
-            .unwrap_or_default();
+        let uri = vars.get(b"REQUEST_URI").or_else(|| vars.get(b"PATH_INFO")).unwrap_or_default();
         write!(f, "{} {}", text(b"REQUEST_METHOD"), String::from_utf8_lossy(uri))
     }
 }

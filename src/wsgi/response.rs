@@ -190,11 +190,8 @@ impl Sink {
                 if self.no_body(&head) {
                     body.clear();
                 }
-                let reply = Reply::Full {
-                    status: head.status(),
-                    head: head.finish(Some(total)).into(),
-                    body,
-                };
+                let reply =
+                    Reply::Full { status: head.status(), head: head.finish(Some(total)).into(), body };
                 self.send_reply(reply)
             }
         }
@@ -250,22 +247,17 @@ fn send_item(py: Python<'_>, tx: &mpsc::Sender<StreamItem>, item: StreamItem) ->
     match tx.try_send(item) {
         Ok(()) => Ok(()),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(Failure::ClientGone),
-        Err(mpsc::error::TrySendError::Full(item)) => py
-            .detach(|| tx.blocking_send(item))
-            .map_err(|_| Failure::ClientGone),
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            py.detach(|| tx.blocking_send(item)).map_err(|_| Failure::ClientGone)
+        }
     }
 }
 
 /// A body chunk from the app: `bytes` only (PEP 3333), large ones shared rather than copied.
 pub(super) fn chunk_from(value: &Bound<'_, PyAny>) -> Result<Bytes, Failure> {
     let bytes = value.cast::<PyBytes>().map_err(|_| {
-        let kind = value
-            .get_type()
-            .name()
-            .map_or_else(|_| "?".to_owned(), |n| n.to_string());
-        Failure::Wsgi(format!(
-            "the app produced a {kind} body chunk; WSGI bodies must be bytes"
-        ))
+        let kind = value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
+        Failure::Wsgi(format!("the app produced a {kind} body chunk; WSGI bodies must be bytes"))
     })?;
     let data = bytes.as_bytes();
     if data.len() <= COPY_CHUNKS_UP_TO {
@@ -304,10 +296,7 @@ impl AsRef<[u8]> for SharedPyBytes {
 pub(super) fn drive(py: Python<'_>, iterable: &Bound<'_, PyAny>, sink: &Mutex<Sink>) -> Result<(), Failure> {
     let is_sequence = iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
     if is_sequence && lock(sink).is_pending() {
-        let chunks = iterable
-            .try_iter()?
-            .map(|item| chunk_from(&item?))
-            .collect::<Result<Vec<_>, _>>()?;
+        let chunks = iterable.try_iter()?.map(|item| chunk_from(&item?)).collect::<Result<Vec<_>, _>>()?;
         return lock(sink).finish(Some(chunks));
     }
     for item in iterable.try_iter()? {
@@ -360,11 +349,10 @@ impl StartResponse {
         })?;
         let mut pairs = Vec::with_capacity(headers.len());
         for item in headers.iter() {
-            let pair = item
-                .cast::<PyTuple>()
-                .ok()
-                .filter(|t| t.len() == 2)
-                .ok_or_else(|| PyTypeError::new_err("each header must be a (name, value) tuple of str"))?;
+            let pair =
+                item.cast::<PyTuple>().ok().filter(|t| t.len() == 2).ok_or_else(|| {
+                    PyTypeError::new_err("each header must be a (name, value) tuple of str")
+                })?;
             pairs.push((
                 latin1(&pair.get_item(0)?, "header name")?,
                 latin1(&pair.get_item(1)?, "header value")?,
@@ -373,9 +361,7 @@ impl StartResponse {
         let head = Head::new(&status, pairs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         lock(&self.sink).head = Some(head);
-        Ok(Write {
-            sink: Arc::clone(&self.sink),
-        })
+        Ok(Write { sink: Arc::clone(&self.sink) })
     }
 }
 
@@ -405,9 +391,9 @@ impl Write {
             Ok(_) => Ok(()),
             Err(Failure::Python(err)) => Err(err),
             Err(Failure::Wsgi(reason)) => Err(PyRuntimeError::new_err(reason)),
-            Err(Failure::ClientGone) => Err(PyOSError::new_err(
-                "write error: the client closed the connection",
-            )),
+            Err(Failure::ClientGone) => {
+                Err(PyOSError::new_err("write error: the client closed the connection"))
+            }
         }
     }
 }

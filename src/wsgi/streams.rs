@@ -25,11 +25,7 @@ pub(super) struct Input {
 impl Input {
     pub(super) fn new(body: Body) -> Self {
         let pending = body.content_length.saturating_sub(body.received.len() as u64);
-        Self {
-            current: body.received,
-            pending,
-            rest: body.rest,
-        }
+        Self { current: body.received, pending, rest: body.rest }
     }
 
     fn available(&self) -> u64 {
@@ -58,9 +54,7 @@ impl Input {
             }
             Some(Err(err)) => {
                 self.fail();
-                Err(PyOSError::new_err(format!(
-                    "error reading the request body: {err}"
-                )))
+                Err(PyOSError::new_err(format!("error reading the request body: {err}")))
             }
             None => {
                 self.fail();
@@ -109,8 +103,7 @@ fn body_ended() -> PyErr {
 /// A size argument: negative or None means "all".
 fn limit(size: Option<isize>, available: u64) -> usize {
     let all = usize::try_from(available).unwrap_or(usize::MAX);
-    size.and_then(|s| usize::try_from(s).ok())
-        .map_or(all, |s| s.min(all))
+    size.and_then(|s| usize::try_from(s).ok()).map_or(all, |s| s.min(all))
 }
 
 #[pymethods]
@@ -174,9 +167,7 @@ pub(super) struct ErrorStream {
 
 impl ErrorStream {
     pub(super) fn new() -> Self {
-        Self {
-            partial: Mutex::new(String::new()),
-        }
+        Self { partial: Mutex::new(String::new()) }
     }
 }
 
@@ -184,10 +175,7 @@ impl ErrorStream {
 impl ErrorStream {
     fn write(&self, text: &Bound<'_, PyString>) -> PyResult<usize> {
         let text = text.to_cow()?;
-        let mut partial = self
-            .partial
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut partial = self.partial.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         partial.push_str(&text);
         while let Some(newline) = partial.find('\n') {
             let line: String = partial.drain(..=newline).collect();
@@ -204,10 +192,7 @@ impl ErrorStream {
     }
 
     fn flush(&self) {
-        let mut partial = self
-            .partial
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut partial = self.partial.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !partial.is_empty() {
             tracing::warn!(target: "wsgi.errors", "{}", partial.trim_end());
             partial.clear();
@@ -231,10 +216,7 @@ impl FileWrapper {
     #[new]
     #[pyo3(signature = (filelike, blksize = FILE_WRAPPER_BLOCK_SIZE))]
     fn new(filelike: Py<PyAny>, blksize: usize) -> Self {
-        Self {
-            filelike,
-            blksize: blksize.max(1),
-        }
+        Self { filelike, blksize: blksize.max(1) }
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
