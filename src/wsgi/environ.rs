@@ -75,6 +75,7 @@ pub(super) struct EnvironTemplate {
     server_port: Py<PyString>,
     url_scheme: Py<PyString>,
     input: Py<PyString>,
+    input_terminated: Py<PyString>,
     http: Py<PyString>,
     https: Py<PyString>,
     empty: Py<PyString>,
@@ -89,7 +90,6 @@ impl EnvironTemplate {
         constants.set_item("wsgi.multithread", multithread)?;
         constants.set_item("wsgi.multiprocess", false)?;
         constants.set_item("wsgi.run_once", false)?;
-        constants.set_item("wsgi.input_terminated", true)?;
         constants.set_item("wsgi.file_wrapper", PyType::new::<FileWrapper>(py))?;
         constants.set_item("oxwsgi.version", env!("CARGO_PKG_VERSION"))?;
         let intern = |s: &str| PyString::intern(py, s).unbind();
@@ -101,6 +101,7 @@ impl EnvironTemplate {
             server_port: intern("SERVER_PORT"),
             url_scheme: intern("wsgi.url_scheme"),
             input: intern("wsgi.input"),
+            input_terminated: intern("wsgi.input_terminated"),
             http: intern("http"),
             https: intern("https"),
             empty: intern(""),
@@ -146,6 +147,9 @@ impl EnvironTemplate {
         environ.set_item(self.url_scheme.bind(py), scheme.bind(py))?;
         environ.update(self.constants.bind(py).as_mapping())?;
         environ.set_item(self.input.bind(py), Py::new(py, Input::new(request.body))?)?;
+        if seen.dechunked() {
+            environ.set_item(self.input_terminated.bind(py), true)?;
+        }
         Ok(environ)
     }
 }
@@ -197,6 +201,7 @@ struct Seen<'a> {
     https: Option<&'a [u8]>,
     request_scheme: Option<&'a [u8]>,
     uwsgi_scheme: Option<&'a [u8]>,
+    transfer_encoding: Option<&'a [u8]>,
 }
 
 impl<'a> Seen<'a> {
@@ -209,8 +214,21 @@ impl<'a> Seen<'a> {
             b"HTTPS" => self.https = Some(value),
             b"REQUEST_SCHEME" => self.request_scheme = Some(value),
             b"UWSGI_SCHEME" => self.uwsgi_scheme = Some(value),
+            b"HTTP_TRANSFER_ENCODING" => self.transfer_encoding = Some(value),
             _ => {}
         }
+    }
+}
+
+impl Seen<'_> {
+    /// The client sent a chunked body, which nginx de-chunked and framed with `CONTENT_LENGTH`. The
+    /// `HTTP_TRANSFER_ENCODING: chunked` it still passes on makes Werkzeug and others ignore
+    /// `CONTENT_LENGTH` and see an empty body (pallets/werkzeug#2346) — unless `wsgi.input_terminated` says
+    /// the stream ends by itself, which ours does, at `CONTENT_LENGTH`. Only then is it set: with it, Werkzeug
+    /// reads the raw stream with `read()` and no size, which `wsgiref.validate` forbids, while without it
+    /// Werkzeug wraps the stream and reads with sizes as PEP 3333 expects.
+    fn dechunked(&self) -> bool {
+        self.transfer_encoding.is_some_and(|te| te.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked")))
     }
 }
 
@@ -272,6 +290,14 @@ mod tests {
         assert!(!is_https(&seen(&[(b"REQUEST_SCHEME", b"http"), (b"HTTPS", b"")])));
         assert!(is_https(&seen(&[(b"UWSGI_SCHEME", b"https"), (b"REQUEST_SCHEME", b"http")])));
         assert!(!is_https(&seen(&[(b"UWSGI_SCHEME", b"javascript")])));
+    }
+
+    #[test]
+    fn input_terminated_only_for_dechunked_bodies() {
+        assert!(!seen(&[(b"CONTENT_LENGTH", b"10")]).dechunked());
+        assert!(seen(&[(b"HTTP_TRANSFER_ENCODING", b"chunked")]).dechunked());
+        assert!(seen(&[(b"HTTP_TRANSFER_ENCODING", b"gzip, Chunked")]).dechunked());
+        assert!(!seen(&[(b"HTTP_TRANSFER_ENCODING", b"gzip")]).dechunked());
     }
 
     #[test]
