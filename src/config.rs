@@ -60,6 +60,10 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub pythonpath: Vec<PathBuf>,
 
+    /// Use the packages of the virtualenv in DIR (made with the same Python version oxwsgi embeds).
+    #[arg(long, short = 'H', visible_aliases = ["home", "venv"], value_name = "DIR", env = "OXWSGI_VIRTUALENV")]
+    pub virtualenv: Option<PathBuf>,
+
     /// Python threads serving requests in this process.
     #[arg(long, value_name = "N", default_value = "1", env = "OXWSGI_THREADS")]
     pub threads: NonZeroUsize,
@@ -121,6 +125,7 @@ pub struct AppSpec {
     pub callable: String,
     pub chdir: Option<PathBuf>,
     pub pythonpath: Vec<PathBuf>,
+    pub virtualenv: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,7 +210,13 @@ impl TryFrom<Cli> for Config {
         };
         Ok(Config {
             sockets,
-            app: AppSpec { source, callable, chdir: cli.chdir, pythonpath: cli.pythonpath },
+            app: AppSpec {
+                source,
+                callable,
+                chdir: cli.chdir,
+                pythonpath: cli.pythonpath,
+                virtualenv: cli.virtualenv,
+            },
             pool: PoolConfig { threads: cli.threads },
             server: ServerConfig {
                 limits: Limits { max_datasize, ..Limits::default() },
@@ -281,6 +292,10 @@ mod tests {
         let cfg = config(&["--socket", ":1", "--wsgi-file", "a.py", "--callable", "app"]).unwrap();
         assert_eq!(cfg.app.source, AppSource::File("a.py".into()));
         assert_eq!(cfg.app.callable, "app");
+        for flag in ["--virtualenv", "--venv", "--home", "-H"] {
+            let cfg = config(&["--socket", ":1", "--module", "m", flag, "/srv/venv"]).unwrap();
+            assert_eq!(cfg.app.virtualenv, Some(PathBuf::from("/srv/venv")), "{flag}");
+        }
     }
 
     #[test]

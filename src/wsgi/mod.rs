@@ -49,6 +49,20 @@ def load_file(path):
         raise
     return module
 
+def use_virtualenv(venv):
+    """Puts the virtualenv's site-packages (and its .pth entries) in front of the system's."""
+    import site
+    venv = os.path.abspath(venv)
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    packages = os.path.join(venv, "lib", version, "site-packages")
+    if not os.path.isdir(packages):
+        raise AppNotFound(f"--virtualenv {venv}: no {packages} (is it a virtualenv made with {version}?)")
+    before = list(sys.path)
+    site.addsitedir(packages)
+    added = [p for p in sys.path if p not in before]
+    sys.path[:] = added + before
+    sys.prefix = sys.exec_prefix = venv
+
 def find_callable(module, name, where):
     try:
         app = getattr(module, name)
@@ -91,24 +105,31 @@ pub fn load(spec: &AppSpec) -> Result<App, LoadError> {
         prepare_interpreter(py, spec).map_err(|e| fail(describe(py, &e)))?;
         let loader = PyModule::from_code(py, &cstring(LOADER), c"oxwsgi_loader.py", c"oxwsgi_loader")
             .map_err(|e| fail(describe(py, &e)))?;
-        let loaded = match &spec.source {
-            AppSource::Module(name) => loader.call_method1("load_module", (name,)),
-            AppSource::File(path) => loader.call_method1("load_file", (path,)),
-        }
-        .and_then(|module| {
-            let where_ = match &spec.source {
-                AppSource::Module(name) => format!("module {name}"),
-                AppSource::File(path) => path.display().to_string(),
-            };
-            loader.call_method1("find_callable", (module, &spec.callable, where_))
-        });
+        let venv = match &spec.virtualenv {
+            Some(venv) => loader.call_method1("use_virtualenv", (venv,)).map(drop),
+            None => Ok(()),
+        };
+        let loaded = venv
+            .and_then(|()| match &spec.source {
+                AppSource::Module(name) => loader.call_method1("load_module", (name,)),
+                AppSource::File(path) => loader.call_method1("load_file", (path,)),
+            })
+            .and_then(|module| {
+                let where_ = match &spec.source {
+                    AppSource::Module(name) => format!("module {name}"),
+                    AppSource::File(path) => path.display().to_string(),
+                };
+                loader.call_method1("find_callable", (module, &spec.callable, where_))
+            });
         match loaded {
             Ok(app) => Ok(App { callable: app.unbind() }),
             Err(err) => {
+                // Our own "not found" errors are a sentence, not a crash: no traceback, no exception name.
                 let not_found = loader.getattr("AppNotFound").is_ok_and(|cls| err.is_instance(py, &cls));
-                if !not_found {
-                    err.print(py);
+                if not_found {
+                    return Err(fail(err.value(py).to_string()));
                 }
+                err.print(py);
                 Err(fail(describe(py, &err)))
             }
         }
