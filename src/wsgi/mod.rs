@@ -179,8 +179,9 @@ fn describe(py: Python<'_>, err: &PyErr) -> String {
 
 /// The full Python traceback of `err`, for the log.
 fn traceback(py: Python<'_>, err: &PyErr) -> String {
-    let formatted =
-        py.import("traceback").and_then(|tb| tb.call_method1("format_exception", (err.value(py),)));
+    // Type, value and traceback passed apart: before Python 3.12 the value's __traceback__ is not yet set.
+    let args = (err.get_type(py), err.value(py), err.traceback(py));
+    let formatted = py.import("traceback").and_then(|tb| tb.call_method1("format_exception", args));
     match formatted.and_then(|lines| PyString::new(py, "").call_method1("join", (lines,))) {
         Ok(text) => text.to_string().trim_end().to_owned(),
         Err(_) => describe(py, err),

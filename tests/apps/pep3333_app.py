@@ -1,0 +1,426 @@
+"""One plain WSGI app (no framework) with a small behaviour per PATH_INFO, for tests/server.rs.
+
+Every answer the tests parse is a "report": one `key: value` line per entry, sorted by key, where the
+value is `ascii(python_value)` (so bytes, str and non-ASCII text compare as exact, ASCII-only strings).
+
+Behaviours that end without a readable response (an aborted stream, a client that went away) record
+what they saw in RESULTS under the query's `key`; the test then reads it back from /last-result?key=K.
+"""
+
+import sys
+import tempfile
+import threading
+import time
+from urllib.parse import parse_qs
+
+RESULTS = {}
+LOCK = threading.Lock()
+CONCURRENCY = {"active": 0, "peak": 0}
+PREVIOUS = {"environ": None}
+
+TEXT = [("Content-Type", "text/plain")]
+
+
+def report(start_response, values, status="200 OK"):
+    body = "".join(f"{key}: {ascii(values[key])}\n" for key in sorted(values)).encode("ascii")
+    start_response(status, list(TEXT))
+    return [body]
+
+
+def record(key, **values):
+    with LOCK:
+        RESULTS.setdefault(key, {}).update(values)
+
+
+def describe(value):
+    if value is None or isinstance(value, (str, bytes, bool, int, tuple)):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+# --- environ ---------------------------------------------------------------------------------------
+
+
+def environ_dump(environ, start_response, query):
+    values = {key: describe(value) for key, value in environ.items()}
+    values["_non_str"] = sorted(
+        key for key, value in environ.items() if not key.startswith("wsgi.") and not isinstance(value, str)
+    )
+    values["_key_types"] = sorted({type(key).__name__ for key in environ})
+    return report(start_response, values)
+
+
+def environ_fresh(environ, start_response, query):
+    previous = PREVIOUS["environ"]
+    seen = {
+        "same_object": previous is environ,
+        "marker_seen": "test.marker" in environ,
+        "path_info": environ.get("PATH_INFO"),
+    }
+    environ["test.marker"] = "set by an earlier request"
+    environ["PATH_INFO"] = "/mutated"
+    PREVIOUS["environ"] = environ  # keeps it alive, so `is` above is meaningful
+    return report(start_response, seen)
+
+
+def errors(environ, start_response, query):
+    stream = environ["wsgi.errors"]
+    stream.write("errors-write-marker\n")
+    stream.writelines(["errors-writelines-", "marker\n"])
+    stream.write("errors-flush-marker")
+    stream.flush()
+    return report(start_response, {"ok": True})
+
+
+# --- wsgi.input ------------------------------------------------------------------------------------
+
+
+def echo(environ, start_response, query):
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [body]
+
+
+def read_sized(environ, start_response, query):
+    stream = environ["wsgi.input"]
+    zero = stream.read(0)
+    pieces = []
+    while True:
+        piece = stream.read(3)
+        if not piece:
+            break
+        pieces.append(piece)
+    return report(start_response, {"zero": zero, "pieces": pieces, "after": stream.read()})
+
+
+def readline(environ, start_response, query):
+    stream = environ["wsgi.input"]
+    values = {}
+    values["1_readline"] = stream.readline()
+    values["2_readline_4"] = stream.readline(4)
+    values["3_readline"] = stream.readline()
+    values["4_readlines_hint_1"] = stream.readlines(1)
+    values["5_iteration"] = list(stream)
+    values["6_readline_at_end"] = stream.readline()
+    values["7_readlines_at_end"] = stream.readlines()
+    return report(start_response, values)
+
+
+def read_past(environ, start_response, query):
+    stream = environ["wsgi.input"]
+    first = stream.read(int(query.get("n", "100")))
+    return report(start_response, {"first": first, "second": stream.read(10), "third": stream.read()})
+
+
+def ignore_body(environ, start_response, query):
+    return report(start_response, {"content_length": environ.get("CONTENT_LENGTH")})
+
+
+# --- start_response and the response ---------------------------------------------------------------
+
+
+def lazy_start(environ, start_response, query):
+    def body():
+        start_response("201 Created", [("Content-Type", "text/plain"), ("X-Lazy", "yes")])
+        yield b"lazy "
+        yield b"body"
+
+    return body()
+
+
+def write_only(environ, start_response, query):
+    write = start_response("200 OK", list(TEXT))
+    write(b"one ")
+    write(b"two")
+    return []
+
+
+def write_then_iter(environ, start_response, query):
+    write = start_response("200 OK", list(TEXT))
+    write(b"first,")
+
+    def rest():
+        yield b"second,"
+        yield b"third"
+
+    return rest()
+
+
+def exc_info_before(environ, start_response, query):
+    start_response("200 OK", [("X-First", "1")])
+    try:
+        raise ValueError("replaced before the head was sent")
+    except ValueError:
+        start_response("500 Oops", [("Content-Type", "text/plain"), ("X-Second", "1")], sys.exc_info())
+    return [b"replaced"]
+
+
+def exc_info_after(environ, start_response, query):
+    key = query.get("key", "exc_info_after")
+
+    def body():
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        yield b"chunk1"
+        try:
+            raise ValueError("original")
+        except ValueError as err:
+            original = err
+            try:
+                start_response("500 Too Late", list(TEXT), sys.exc_info())
+            except BaseException as raised:  # noqa: BLE001 - the point is to see what was raised
+                record(key, same=raised is original, type=type(raised).__name__)
+                raise
+            record(key, same=False, type="nothing raised")
+        yield b"never"
+
+    return body()
+
+
+def twice(environ, start_response, query):
+    start_response("200 OK", list(TEXT))
+    try:
+        start_response("201 Created", list(TEXT))
+    except Exception as err:
+        record(query.get("key", "twice"), type=type(err).__name__)
+        raise
+    return [b"second start_response accepted"]
+
+
+def raise_before(environ, start_response, query):
+    raise ValueError("raise-before-marker")
+
+
+def raise_in_iter_before_body(environ, start_response, query):
+    def body():
+        start_response("200 OK", list(TEXT))
+        yield b""
+        raise ValueError("raise-in-iter-marker")
+
+    return body()
+
+
+def raise_after_body(environ, start_response, query):
+    headers = list(TEXT)
+    if "cl" in query:
+        headers.append(("Content-Length", query["cl"]))
+
+    def body():
+        start_response("200 OK", headers)
+        yield b"partial"
+        raise ValueError("raise-after-body-marker")
+
+    return body()
+
+
+def str_chunk(environ, start_response, query):
+    start_response("200 OK", list(TEXT))
+    return ["text, not bytes"]
+
+
+BAD_STATUSES = [
+    "200",
+    "20x OK",
+    "200 OK\r\nX-Injected: yes",
+    "100 Continue",
+    "200OK",
+    b"200 OK",
+    "200 \u2603",
+]
+
+BAD_HEADERS = [
+    [("X-Bad", "a\r\nX-Injected: yes")],
+    [("X Bad", "value")],
+    [("Connection", "close")],
+    [("Transfer-Encoding", "chunked")],
+    [("X-Snowman", "\u2603")],
+    [("X-Nul", "a\x00b")],
+    [("Status", "404 Not Found")],
+    [("X-Bytes", b"value")],
+    (("X-Tuple", "headers must be a list"),),
+    [("X-Triple", "a", "b")],
+    [("Content-Length", "-1")],
+    [("Keep-Alive", "timeout=5")],
+]
+
+
+def bad_status(environ, start_response, query):
+    start_response(BAD_STATUSES[int(query["case"])], list(TEXT))
+    return [b"must not be sent"]
+
+
+def bad_header(environ, start_response, query):
+    start_response("200 OK", BAD_HEADERS[int(query["case"])])
+    return [b"must not be sent"]
+
+
+def content_length_over(environ, start_response, query):
+    key = query.get("key", "content_length_over")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+    if query.get("kind") == "list":
+        return [b"01234", b"56789"]
+
+    def body():
+        try:
+            yield b"0123456789"
+            record(key, resumed=True)
+            yield b"more"
+        finally:
+            record(key, closed=True)
+
+    return body()
+
+
+def content_length_short_list(environ, start_response, query):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+    return [b"abc"]
+
+
+class Tracked:
+    """An iterable with close(), recording what happened to it under `key`."""
+
+    def __init__(self, key, chunks, fail_at=None, delay=0.0):
+        self.key = key
+        self.chunks = chunks
+        self.fail_at = fail_at
+        self.delay = delay
+        record(key, closed=False, close_calls=0, produced=0, finished=False)
+
+    def __iter__(self):
+        for index, chunk in enumerate(self.chunks):
+            if index == self.fail_at:
+                raise ValueError("tracked-iterable-failure")
+            if self.delay:
+                time.sleep(self.delay)
+            record(self.key, produced=index + 1)
+            yield chunk
+        record(self.key, finished=True)
+
+    def close(self):
+        with LOCK:
+            entry = RESULTS[self.key]
+            entry["closed"] = True
+            entry["close_calls"] += 1
+
+
+def close_tracking(environ, start_response, query):
+    key = query["key"]
+    mode = query.get("mode", "ok")
+    start_response("200 OK", list(TEXT))
+    if mode == "ok":
+        return Tracked(key, [b"a", b"b", b"c"])
+    if mode == "raise-first":
+        return Tracked(key, [b"a", b"b"], fail_at=0)
+    if mode == "raise-later":
+        return Tracked(key, [b"a", b"b"], fail_at=1)
+    if mode == "slow":
+        return Tracked(key, [b"x" * 1024] * 1000, delay=0.01)
+    raise ValueError(f"unknown mode {mode}")
+
+
+def file_wrapper(environ, start_response, query):
+    key = query.get("key", "file_wrapper")
+    handle = tempfile.TemporaryFile()
+    handle.write(b"0123456789abcdefghij")
+    handle.seek(5)
+    record(key, file=handle)
+    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", "8")])
+    wrapper = environ["wsgi.file_wrapper"](handle, 4)
+    record(key, wrapper_type=type(wrapper).__name__)
+    return wrapper
+
+
+def head(environ, start_response, query):
+    key = query.get("key", "head")
+    start_response("200 OK", list(TEXT))
+    if query.get("kind") == "stream":
+        return Tracked(key, [b"stream", b" body"])
+    record(key, method=environ["REQUEST_METHOD"])
+    return [b"list body"]
+
+
+def no_content(environ, start_response, query):
+    key = query.get("key", "no_content")
+    start_response(query.get("status", "204 No Content"), [("X-Kind", query.get("kind", "list"))])
+    if query.get("kind") == "stream":
+        return Tracked(key, [b"must", b"not", b"be", b"sent"])
+    return [b"must not be sent"]
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+def sleep(environ, start_response, query):
+    """Waits until `until` requests are inside at once (or `ms` passed), so overlap is not a timing bet."""
+    until = int(query.get("until", "0"))
+    deadline = time.monotonic() + int(query.get("ms", "100")) / 1000
+    with LOCK:
+        CONCURRENCY["active"] += 1
+        CONCURRENCY["peak"] = max(CONCURRENCY["peak"], CONCURRENCY["active"])
+    try:
+        while time.monotonic() < deadline:
+            with LOCK:
+                if until and CONCURRENCY["peak"] >= until:
+                    break
+            time.sleep(0.005)
+    finally:
+        with LOCK:
+            CONCURRENCY["active"] -= 1
+    return report(start_response, {"thread": threading.current_thread().name})
+
+
+def peak(environ, start_response, query):
+    with LOCK:
+        return report(start_response, dict(CONCURRENCY))
+
+
+def last_result(environ, start_response, query):
+    with LOCK:
+        entry = dict(RESULTS.get(query["key"], {}))
+    if "file" in entry:
+        entry["file_closed"] = entry.pop("file").closed
+    return report(start_response, entry)
+
+
+ROUTES = {
+    "/environ": environ_dump,
+    "/environ-fresh": environ_fresh,
+    "/errors": errors,
+    "/echo": echo,
+    "/read-sized": read_sized,
+    "/readline": readline,
+    "/read-past": read_past,
+    "/ignore-body": ignore_body,
+    "/lazy-start": lazy_start,
+    "/write": write_only,
+    "/write-then-iter": write_then_iter,
+    "/exc-info-before": exc_info_before,
+    "/exc-info-after": exc_info_after,
+    "/twice": twice,
+    "/raise-before": raise_before,
+    "/raise-in-iter-before-body": raise_in_iter_before_body,
+    "/raise-after-body": raise_after_body,
+    "/str-chunk": str_chunk,
+    "/bad-status": bad_status,
+    "/bad-header": bad_header,
+    "/content-length-over": content_length_over,
+    "/content-length-short-list": content_length_short_list,
+    "/close-tracking": close_tracking,
+    "/file-wrapper": file_wrapper,
+    "/head": head,
+    "/no-content": no_content,
+    "/sleep": sleep,
+    "/peak": peak,
+    "/last-result": last_result,
+}
+
+
+def application(environ, start_response):
+    query = {key: values[-1] for key, values in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    path = environ.get("PATH_INFO", "")
+    handler = ROUTES.get(path)
+    if handler is None and path.startswith("/environ/"):
+        handler = environ_dump  # any sub-path, for tests of how PATH_INFO bytes are decoded
+    if handler is None:
+        start_response("404 Not Found", list(TEXT))
+        return [b"no such test route\n"]
+    return handler(environ, start_response, query)

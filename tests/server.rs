@@ -1,0 +1,979 @@
+//! The real `oxwsgi` binary, driven with raw uwsgi bytes: protocol handling, the WSGI environ, PEP 3333
+//! response rules, startup failures and shutdown.
+//!
+//! Every test starts its own server (a Unix socket in a temp dir, a few on TCP) running
+//! `tests/apps/pep3333_app.py`, whose routes each exercise one behaviour and report what the app saw as
+//! `key: ascii(value)` lines. No test asserts a duration; eventual conditions are bounded polls.
+
+mod support;
+
+use std::fmt::Write as _;
+use std::io::{ErrorKind, Write};
+use std::thread;
+use std::time::Duration;
+
+use support::{app_path, find, run_to_exit, temp_dir, Addr, Report, RequestBuilder, Response, Server};
+
+/// The 500 answer for an app that failed before sending anything (src/response.rs `INTERNAL_ERROR`).
+const INTERNAL_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\nInternal Server Error\n";
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nBad Request\n";
+
+/// `ascii(s)` in Python for the str whose code points are `bytes` (latin-1), i.e. what the app reports for
+/// an environ value that arrived as those bytes.
+fn py_str(bytes: &[u8]) -> String {
+    py_repr(bytes, "")
+}
+
+/// `ascii(b)` in Python for a bytes object.
+fn py_bytes(bytes: &[u8]) -> String {
+    py_repr(bytes, "b")
+}
+
+fn py_repr(bytes: &[u8], prefix: &str) -> String {
+    let quote = if bytes.contains(&b'\'') && !bytes.contains(&b'"') { '"' } else { '\'' };
+    let mut out = format!("{prefix}{quote}");
+    for &b in bytes {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            b'\t' => out.push_str("\\t"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b if char::from(b) == quote => {
+                out.push('\\');
+                out.push(quote);
+            }
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => {
+                let _ = write!(out, "\\x{b:02x}");
+            }
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// The connection must end without a single byte of reply (EOF, or a reset on some kernels).
+fn assert_closed_without_reply(server: &Server, bytes: &[u8], what: &str) {
+    let mut conn = server.connect();
+    conn.write_all(bytes).expect("send");
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    assert!(got.is_empty(), "{what}: expected no reply, got {:?}", String::from_utf8_lossy(&got));
+}
+
+/// The server still answers a normal request.
+fn assert_still_serving(server: &Server) {
+    let report = server.report("/peak");
+    assert!(report.has("peak"), "{report:?}");
+}
+
+// --- protocol --------------------------------------------------------------------------------------
+
+#[test]
+fn ping_gets_exactly_the_pong_header() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&[100, 0, 0, 0]), [0x64, 0x00, 0x00, 0x01]);
+    assert_still_serving(&server);
+    // A ping is not a request: no access log line for it, and no error.
+    assert!(!server.log().contains("refused"), "{}", server.log());
+}
+
+#[test]
+fn ping_over_tcp() {
+    let server = Server::builder().tcp().start();
+    assert_eq!(server.exchange(&[100, 0, 0, 0]), [0x64, 0x00, 0x00, 0x01]);
+    assert_still_serving(&server);
+}
+
+#[test]
+fn unknown_modifier_is_closed_without_reply_and_logged() {
+    let server = Server::start(&[]);
+    assert_closed_without_reply(&server, &[22, 5, 0, 0, b'h', b'e', b'l', b'l', b'o'], "modifier1 22");
+    server.wait_log("modifier1 22");
+    // A TLS ClientHello on the uwsgi socket looks like modifier1 22 too.
+    assert_closed_without_reply(&server, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01], "TLS ClientHello");
+    // modifier1 30 (the deprecated SCRIPT_NAME-stripping variant) is not served either.
+    let mut modifier30 = RequestBuilder::get("/peak").packet();
+    modifier30[0] = 30;
+    assert_closed_without_reply(&server, &modifier30, "modifier1 30");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn plain_http_gets_a_400_that_points_at_uwsgi_pass() {
+    let server = Server::start(&[]);
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
+        b"POST /form HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ] {
+        let raw = server.exchange(request);
+        let response = Response::parse(raw).expect("an HTTP response");
+        assert_eq!(response.status_line, "HTTP/1.1 400 Bad Request", "{response:?}");
+        assert!(response.body_text().contains("uwsgi_pass"), "{response:?}");
+        let declared: usize = response.header("Content-Length").expect("Content-Length").parse().unwrap();
+        assert_eq!(declared, response.body.len(), "{response:?}");
+    }
+    assert_still_serving(&server);
+}
+
+#[test]
+fn plain_http_over_tcp_gets_the_400_too() {
+    let server = Server::builder().tcp().start();
+    let raw = server.exchange(b"GET /health HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl\r\n\r\n");
+    let response = Response::parse(raw).expect("an HTTP response");
+    assert_eq!(response.status_line, "HTTP/1.1 400 Bad Request");
+    assert!(response.body_text().contains("uwsgi_pass"), "{response:?}");
+}
+
+#[test]
+fn malformed_vars_are_closed_without_reply() {
+    let server = Server::start(&[]);
+    // A valid record, then one with an empty key.
+    let mut empty_key = vec![0, 0, 0, 0];
+    empty_key.extend_from_slice(b"\x0e\x00REQUEST_METHOD\x03\x00GET\x00\x00\x01\x00x");
+    let datasize = (empty_key.len() - 4) as u16;
+    empty_key[1..3].copy_from_slice(&datasize.to_le_bytes());
+    assert_closed_without_reply(&server, &empty_key, "empty key");
+    assert_still_serving(&server);
+
+    // The block says 3 bytes; its record announces a 5-byte key.
+    assert_closed_without_reply(&server, &[0, 3, 0, 0, 5, 0, b'K'], "truncated key");
+    // A value that runs past the end of the block.
+    assert_closed_without_reply(&server, &[0, 6, 0, 0, 1, 0, b'K', 9, 0, b'v'], "truncated value");
+    // Two bytes left where a value length is expected: one.
+    assert_closed_without_reply(&server, &[0, 4, 0, 0, 1, 0, b'K', 3], "truncated value length");
+    // modifier1 0 with an empty block.
+    assert_closed_without_reply(&server, &[0, 0, 0, 0], "empty WSGI packet");
+    let log = server.wait_log("invalid uwsgi packet");
+    assert!(log.matches("refused a connection").count() >= 5, "{log}");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn datasize_over_buffer_size_is_refused_at_the_limit_accepted() {
+    let server = Server::start(&["--buffer-size", "100"]);
+    // REQUEST_METHOD=GET (2 + 14 + 2 + 3 = 21 bytes) + PATH_INFO=/peak (18) + PAD=... (2 + 3 + 2 + n).
+    let packet = |pad: usize| {
+        let padding = vec![b'p'; pad];
+        oxwsgi_proto::encode_packet(
+            0,
+            0,
+            &[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/peak"), (b"PAD", &padding)],
+        )
+        .unwrap()
+    };
+    let at_limit = packet(54);
+    assert_eq!(at_limit.len(), 4 + 100);
+    let response = Response::parse(server.exchange(&at_limit)).expect("an HTTP response");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+
+    let over = packet(55);
+    assert_closed_without_reply(&server, &over, "datasize 101 with --buffer-size 100");
+    // The header alone is enough to refuse: the server must not wait for a block it will never take.
+    let mut conn = server.connect();
+    conn.write_all(&[0, 0xff, 0x7f, 0]).unwrap();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    assert!(got.is_empty());
+    server.wait_log("refused a connection");
+    let response = Response::parse(server.exchange(&at_limit)).expect("still serving");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+}
+
+#[test]
+fn eof_mid_packet_is_closed_and_the_next_request_works() {
+    let server = Server::start(&[]);
+    let packet = RequestBuilder::get("/peak").packet();
+    for cut in [2, 4, 10, packet.len() - 1] {
+        let mut conn = server.connect();
+        conn.write_all(&packet[..cut]).unwrap();
+        conn.shutdown_write();
+        let got = match conn.read_to_end_result() {
+            Ok(got) | Err((_, got)) => got,
+        };
+        assert!(got.is_empty(), "cut at {cut}: {:?}", String::from_utf8_lossy(&got));
+    }
+    server.wait_log("connection closed after");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn silent_client_times_out_without_reply() {
+    let server = Server::start(&["--socket-timeout", "1", "--threads", "2"]);
+    let packet = RequestBuilder::get("/peak").packet();
+    let mut conn = server.connect();
+    conn.write_all(&packet[..10]).unwrap();
+    // The server gives up on its own: EOF without reply while our side is still open.
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    assert!(got.is_empty());
+    server.wait_log("timed out");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn packet_split_across_writes_is_reassembled() {
+    let server = Server::start(&[]);
+    let request = RequestBuilder::post("/echo", b"split body bytes").encode();
+    let mut conn = server.connect();
+    for piece in [&request[..1], &request[1..3], &request[3..20], &request[20..request.len() - 4]] {
+        conn.write_all(piece).unwrap();
+        conn.flush().unwrap();
+        thread::sleep(Duration::from_millis(5));
+    }
+    conn.write_all(&request[request.len() - 4..]).unwrap();
+    let response = Response::parse(conn.read_to_end_result().expect("a response")).expect("HTTP");
+    assert_eq!(response.body, b"split body bytes");
+}
+
+#[test]
+fn content_length_that_is_not_a_decimal_gets_400() {
+    let server = Server::start(&[]);
+    for bad in [&b"12abc"[..], b"-1", b"0x10", b" 5", b"5 "] {
+        let request = RequestBuilder::post("/echo", b"hello").set("CONTENT_LENGTH", bad);
+        assert_eq!(server.exchange(&request.encode()), BAD_REQUEST, "CONTENT_LENGTH {bad:?}");
+    }
+    assert_still_serving(&server);
+}
+
+#[test]
+fn limit_post_answers_413_above_the_limit_only() {
+    let server = Server::start(&["--limit-post", "10"]);
+    let response = server.send(&RequestBuilder::post("/echo", &[b'x'; 20]));
+    assert_eq!(response.status_line, "HTTP/1.1 413 Request Entity Too Large", "{response:?}");
+    let declared: usize = response.header("Content-Length").unwrap().parse().unwrap();
+    assert_eq!(declared, response.body.len());
+    server.wait_log("--limit-post 10");
+
+    let response = server.send(&RequestBuilder::post("/echo", &[b'y'; 10]));
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(response.body, [b'y'; 10]);
+}
+
+#[test]
+fn limit_post_413_over_tcp_arrives_whole() {
+    // The refused body is drained before closing, so the 413 is not lost to a reset.
+    let server = Server::builder().tcp().args(&["--limit-post", "1000"]).start();
+    let response = server.send(&RequestBuilder::post("/echo", &vec![b'z'; 300_000]));
+    assert_eq!(response.status_line, "HTTP/1.1 413 Request Entity Too Large", "{response:?}");
+}
+
+// --- environ ---------------------------------------------------------------------------------------
+
+#[test]
+fn environ_holds_every_var_as_a_latin1_str() {
+    let server = Server::start(&[]);
+    let request = RequestBuilder::get("/environ?a=1&b=%20")
+        .set("PATH_INFO", b"/environ")
+        .set("REQUEST_URI", b"/environ?a=1&b=%20")
+        .add("HTTP_USER_AGENT", b"test-agent/1.0")
+        .add("HTTP_X_BINARY", b"\xff\xfe\x01 tab\there")
+        .add("HTTP_X_UTF8", "caf\u{e9}".as_bytes())
+        .add("HTTP_ACCEPT", b"*/*")
+        .add("SOME_NGINX_PARAM", b"custom value")
+        .add("HTTP_CONTENT_TYPE", b"text/plain")
+        .add("HTTP_CONTENT_LENGTH", b"0");
+    let response = server.send(&request);
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    let report = Report::parse(&response.body);
+    for (key, value) in request.vars() {
+        let key = String::from_utf8(key).unwrap();
+        if key.starts_with("HTTP_CONTENT_") {
+            continue;
+        }
+        assert_eq!(report.get(&key), py_str(&value), "environ[{key:?}]");
+    }
+    assert_eq!(report.get("HTTP_X_UTF8"), "'caf\\xc3\\xa9'");
+    assert_eq!(report.get("QUERY_STRING"), "'a=1&b=%20'");
+    assert!(!report.has("HTTP_CONTENT_TYPE"), "{report:#?}");
+    assert!(!report.has("HTTP_CONTENT_LENGTH"), "{report:#?}");
+    assert_eq!(report.get("_non_str"), "[]");
+    assert_eq!(report.get("_key_types"), "['str']");
+}
+
+#[test]
+fn path_info_bytes_arrive_latin1_decoded() {
+    let server = Server::start(&[]);
+    // nginx percent-decodes the path: "/caf%C3%A9" arrives as the raw UTF-8 bytes, and PEP 3333 wants
+    // them as the str of those byte values: '/cafÃ©'.
+    let request = RequestBuilder::get("/environ/caf%C3%A9").set("PATH_INFO", b"/environ/caf\xc3\xa9");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("PATH_INFO"), "'/environ/caf\\xc3\\xa9'");
+    assert_eq!(report.get("REQUEST_URI"), "'/environ/caf%C3%A9'");
+}
+
+#[test]
+fn wsgi_keys_have_the_pep3333_values() {
+    let server = Server::start(&[]);
+    let report = report_of(&server, &RequestBuilder::get("/environ"));
+    assert_eq!(report.get("wsgi.version"), "(1, 0)");
+    assert_eq!(report.get("wsgi.url_scheme"), "'http'");
+    assert_eq!(report.get("wsgi.multithread"), "False");
+    assert_eq!(report.get("wsgi.multiprocess"), "False");
+    assert_eq!(report.get("wsgi.run_once"), "False");
+    for key in ["wsgi.input", "wsgi.errors", "wsgi.file_wrapper"] {
+        assert!(report.get(key).starts_with("'<"), "{key}: {}", report.get(key));
+    }
+    assert!(report.get("oxwsgi.version").starts_with("'0."), "{}", report.get("oxwsgi.version"));
+    // Not a de-chunked body: absent (Werkzeug would otherwise read without a size).
+    assert!(!report.has("wsgi.input_terminated"), "{report:#?}");
+}
+
+#[test]
+fn input_terminated_only_for_bodies_nginx_dechunked() {
+    let server = Server::start(&[]);
+    let request = RequestBuilder::post("/environ", b"abc").add("HTTP_TRANSFER_ENCODING", b"chunked");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("wsgi.input_terminated"), "True");
+    let report = report_of(&server, &RequestBuilder::post("/environ", b"abc"));
+    assert!(!report.has("wsgi.input_terminated"), "{report:#?}");
+}
+
+#[test]
+fn multithread_reflects_threads() {
+    let server = Server::start(&["--threads", "3"]);
+    let report = report_of(&server, &RequestBuilder::get("/environ"));
+    assert_eq!(report.get("wsgi.multithread"), "True");
+}
+
+#[test]
+fn repeated_headers_are_joined_like_nginx_1_23() {
+    let server = Server::start(&[]);
+    let request = RequestBuilder::get("/environ")
+        .add("HTTP_COOKIE", b"a=1")
+        .add("HTTP_X_DUP", b"one")
+        .add("HTTP_COOKIE", b"b=2")
+        .add("HTTP_X_DUP", b"two")
+        .add("HTTP_X_DUP", b"three")
+        .add("NGINX_PARAM", b"first")
+        .add("NGINX_PARAM", b"last");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("HTTP_COOKIE"), "'a=1; b=2'");
+    assert_eq!(report.get("HTTP_X_DUP"), "'one, two, three'");
+    assert_eq!(report.get("NGINX_PARAM"), "'last'");
+}
+
+#[test]
+fn script_name_and_server_name_defaults() {
+    let server = Server::start(&[]);
+    let request =
+        RequestBuilder::get("/environ").set("SERVER_NAME", b"").set("HTTP_HOST", b"example.org:8080");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("SCRIPT_NAME"), "''");
+    assert_eq!(report.get("SERVER_NAME"), "'example.org'");
+    assert_eq!(report.get("SERVER_PORT"), "'80'", "nginx's SERVER_PORT is kept");
+
+    let request = RequestBuilder::get("/environ").set("SCRIPT_NAME", b"/mount");
+    assert_eq!(report_of(&server, &request).get("SCRIPT_NAME"), "'/mount'");
+
+    // Neither SERVER_NAME nor HTTP_HOST: a Unix socket has no address, so "localhost".
+    let request = RequestBuilder::get("/environ").remove("SERVER_NAME").remove("HTTP_HOST");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("SERVER_NAME"), "'localhost'");
+}
+
+#[test]
+fn server_name_and_port_fall_back_to_the_tcp_listener() {
+    let server = Server::builder().tcp().start();
+    let Addr::Tcp(addr) = server.addr.clone() else { unreachable!() };
+    let request =
+        RequestBuilder::get("/environ").remove("SERVER_NAME").remove("HTTP_HOST").remove("SERVER_PORT");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("SERVER_NAME"), "'127.0.0.1'");
+    assert_eq!(report.get("SERVER_PORT"), py_str(addr.port().to_string().as_bytes()));
+}
+
+#[test]
+fn url_scheme_comes_from_nginx_vars_never_from_client_headers() {
+    let server = Server::start(&[]);
+    let scheme = |request: RequestBuilder| report_of(&server, &request).get("wsgi.url_scheme").to_owned();
+    let get = || RequestBuilder::get("/environ");
+    assert_eq!(scheme(get().add("HTTP_X_FORWARDED_PROTO", b"https")), "'http'");
+    assert_eq!(scheme(get().add("HTTP_X_FORWARDED_PROTO", b"javascript")), "'http'");
+    assert_eq!(scheme(get().add("HTTPS", b"on")), "'https'");
+    assert_eq!(scheme(get().add("HTTPS", b"1")), "'https'");
+    assert_eq!(scheme(get().add("HTTPS", b"off")), "'http'");
+    assert_eq!(scheme(get().set("REQUEST_SCHEME", b"https")), "'https'");
+    assert_eq!(scheme(get().add("UWSGI_SCHEME", b"https")), "'https'");
+    assert_eq!(scheme(get().add("UWSGI_SCHEME", b"javascript")), "'http'");
+    // A client header called "HTTPS" arrives as HTTP_HTTPS and must not count.
+    assert_eq!(scheme(get().add("HTTP_HTTPS", b"on")), "'http'");
+}
+
+#[test]
+fn every_request_gets_a_fresh_environ() {
+    let server = Server::start(&[]);
+    let first = server.report("/environ-fresh");
+    assert_eq!(first.get("same_object"), "False");
+    assert_eq!(first.get("marker_seen"), "False");
+    // The first request stored its environ after adding a key and changing PATH_INFO.
+    let second = server.report("/environ-fresh");
+    assert_eq!(second.get("same_object"), "False");
+    assert_eq!(second.get("marker_seen"), "False");
+    assert_eq!(second.get("path_info"), "'/environ-fresh'");
+}
+
+#[test]
+fn wsgi_errors_lines_reach_the_log() {
+    let server = Server::start(&[]);
+    let response = server.get("/errors");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK");
+    let log = server.wait_log("errors-flush-marker");
+    assert!(log.contains("errors-write-marker"), "{log}");
+    assert!(log.contains("errors-writelines-marker"), "{log}");
+}
+
+// --- wsgi.input ------------------------------------------------------------------------------------
+
+#[test]
+fn small_body_is_echoed() {
+    let server = Server::start(&[]);
+    let response = server.send(&RequestBuilder::post("/echo", b"hello body"));
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 10\r\n\r\nhello body"
+    );
+    // No body at all: CONTENT_LENGTH "" as nginx sends it.
+    let response = server.send(&RequestBuilder::get("/echo"));
+    assert_eq!(response.header("Content-Length"), Some("0"));
+    assert!(response.body.is_empty());
+}
+
+fn large_body() -> Vec<u8> {
+    (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn large_body_is_echoed_intact() {
+    let server = Server::start(&[]);
+    let body = large_body();
+    let response = server.send(&RequestBuilder::post("/echo", &body));
+    assert_eq!(response.header("Content-Length"), Some("3145728"));
+    assert!(response.body == body, "3 MiB echo differs (got {} bytes)", response.body.len());
+}
+
+#[test]
+fn large_body_is_echoed_intact_over_tcp() {
+    let server = Server::builder().tcp().start();
+    let body = large_body();
+    let response = server.send(&RequestBuilder::post("/echo", &body));
+    assert!(response.body == body, "3 MiB echo differs (got {} bytes)", response.body.len());
+}
+
+#[test]
+fn input_read_with_a_size() {
+    let server = Server::start(&[]);
+    let report = report_of(&server, &RequestBuilder::post("/read-sized", b"abcdefgh"));
+    assert_eq!(report.get("zero"), py_bytes(b""));
+    assert_eq!(
+        report.get("pieces"),
+        format!("[{}, {}, {}]", py_bytes(b"abc"), py_bytes(b"def"), py_bytes(b"gh"))
+    );
+    assert_eq!(report.get("after"), "b''");
+}
+
+#[test]
+fn input_readline_readlines_and_iteration() {
+    let server = Server::start(&[]);
+    let body = b"line1\nline2 is longer\nx\ny\nz\nlast";
+    let report = report_of(&server, &RequestBuilder::post("/readline", body));
+    assert_eq!(report.get("1_readline"), "b'line1\\n'");
+    assert_eq!(report.get("2_readline_4"), "b'line'", "readline(size) must stop at size");
+    assert_eq!(report.get("3_readline"), "b'2 is longer\\n'");
+    assert_eq!(report.get("4_readlines_hint_1"), "[b'x\\n']", "readlines(hint) stops once hint bytes are in");
+    assert_eq!(report.get("5_iteration"), "[b'y\\n', b'z\\n', b'last']");
+    assert_eq!(report.get("6_readline_at_end"), "b''");
+    assert_eq!(report.get("7_readlines_at_end"), "[]");
+}
+
+#[test]
+fn input_stops_at_content_length() {
+    let server = Server::start(&[]);
+    let report = report_of(&server, &RequestBuilder::post("/read-past?n=100", b"hello"));
+    assert_eq!(report.get("first"), "b'hello'");
+    assert_eq!(report.get("second"), "b''");
+    assert_eq!(report.get("third"), "b''");
+    // A body that arrives after the packet, in a later write, is waited for.
+    let request = RequestBuilder::post("/read-past?n=5", b"later");
+    let mut conn = server.connect();
+    conn.write_all(&request.packet()).unwrap();
+    conn.flush().unwrap();
+    thread::sleep(Duration::from_millis(20));
+    conn.write_all(b"later").unwrap();
+    let response = Response::parse(conn.read_to_end_result().expect("response")).expect("HTTP");
+    assert_eq!(Report::parse(&response.body).get("first"), "b'later'");
+}
+
+#[test]
+fn body_ending_early_is_an_error_for_the_app() {
+    let server = Server::start(&[]);
+    // CONTENT_LENGTH says 100, only 5 bytes come, then EOF: read() must not hang or return short data
+    // as if it were the whole body.
+    let request = RequestBuilder::post("/echo", b"short").set("CONTENT_LENGTH", b"100");
+    let mut conn = server.connect();
+    conn.write_all(&request.encode()).unwrap();
+    conn.shutdown_write();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 500 "), "{:?}", String::from_utf8_lossy(&got));
+    server.wait_log("app raised an exception");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn unread_body_is_drained_so_the_response_arrives_whole() {
+    for server in [Server::builder().tcp().start(), Server::start(&[])] {
+        let body = vec![b'u'; 1024 * 1024];
+        let response = server.send(&RequestBuilder::post("/ignore-body", &body));
+        assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+        let report = Report::parse(&response.body);
+        assert_eq!(report.get("content_length"), "'1048576'");
+        assert_eq!(response.header("Content-Length").unwrap(), response.body.len().to_string());
+    }
+}
+
+// --- responses -------------------------------------------------------------------------------------
+
+#[test]
+fn list_response_gets_a_derived_content_length() {
+    let server = Server::start(&[]);
+    let response = server.get("/content-length-over?kind=list");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n01234"
+    );
+    let response = server.get("/exc-info-before");
+    assert_eq!(response.header("Content-Length"), Some("8"));
+    let response = server.get("/no-such-route");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\nno such test route\n"
+    );
+}
+
+#[test]
+fn generator_response_streams_without_content_length() {
+    let server = Server::start(&[]);
+    let response = server.get("/lazy-start");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nX-Lazy: yes\r\n\r\nlazy body"
+    );
+}
+
+#[test]
+fn write_callable_sends_in_order_without_content_length() {
+    let server = Server::start(&[]);
+    let response = server.get("/write");
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\none two");
+    let response = server.get("/write-then-iter");
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst,second,third");
+}
+
+#[test]
+fn exc_info_before_the_head_replaces_status_and_headers() {
+    let server = Server::start(&[]);
+    let response = server.get("/exc-info-before");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 500 Oops\r\nContent-Type: text/plain\r\nX-Second: 1\r\nContent-Length: 8\r\n\r\nreplaced"
+    );
+}
+
+#[test]
+fn exc_info_after_the_head_reraises_the_original_exception() {
+    let server = Server::start(&[]);
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/exc-info-after?key=ea").encode()).unwrap();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    let response = Response::parse(got).expect("the head was sent before the failure");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(response.header("Content-Length"), Some("100"));
+    assert_eq!(response.body, b"chunk1", "the response must stop short of the declared length");
+    let result = server.wait_result("ea", |r| r.has("same"));
+    assert_eq!(result.get("type"), "'ValueError'");
+    assert_eq!(result.get("same"), "True", "start_response must re-raise exc_info's own exception");
+    let log = server.wait_log("response aborted");
+    assert!(log.contains("ValueError: original"), "{log}");
+}
+
+#[test]
+fn start_response_twice_without_exc_info_is_an_error() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&RequestBuilder::get("/twice?key=tw").encode()), INTERNAL_ERROR);
+    assert_eq!(server.report("/last-result?key=tw").get("type"), "'RuntimeError'");
+    server.wait_log("RuntimeError");
+}
+
+#[test]
+fn exception_before_start_response_is_a_500_with_a_traceback() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&RequestBuilder::get("/raise-before").encode()), INTERNAL_ERROR);
+    let log = server.wait_log("raise-before-marker");
+    assert!(log.contains("Traceback (most recent call last)"), "{log}");
+    assert!(log.contains("ValueError: raise-before-marker"), "{log}");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn exception_in_the_iterable_before_any_body_is_a_500() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&RequestBuilder::get("/raise-in-iter-before-body").encode()), INTERNAL_ERROR);
+    server.wait_log("raise-in-iter-marker");
+}
+
+#[test]
+fn exception_after_body_bytes_aborts_a_unix_response_short_of_content_length() {
+    let server = Server::start(&[]);
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/raise-after-body?cl=100").encode()).unwrap();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    let response = Response::parse(got).expect("the head went out with the first chunk");
+    assert_eq!(response.header("Content-Length"), Some("100"));
+    assert_eq!(response.body, b"partial");
+    let log = server.wait_log("response aborted");
+    assert!(log.contains("raise-after-body-marker"), "{log}");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn exception_after_body_bytes_resets_a_tcp_connection() {
+    let server = Server::builder().tcp().start();
+    // No Content-Length: only the reset tells nginx the response is broken.
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/raise-after-body").encode()).unwrap();
+    match conn.read_to_end_result() {
+        Err((err, got)) => {
+            assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+            assert!(find(&got, b"Internal Server Error").is_none(), "{:?}", String::from_utf8_lossy(&got));
+        }
+        Ok(got) => panic!(
+            "the connection ended with a clean EOF, which looks like a complete response: {:?}",
+            String::from_utf8_lossy(&got)
+        ),
+    }
+    server.wait_log("response aborted");
+}
+
+#[test]
+fn str_body_chunk_is_a_500() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&RequestBuilder::get("/str-chunk").encode()), INTERNAL_ERROR);
+    server.wait_log("body chunk");
+}
+
+#[test]
+fn invalid_status_is_a_500() {
+    let server = Server::start(&[]);
+    for case in 0..7 {
+        let raw = server.exchange(&RequestBuilder::get(&format!("/bad-status?case={case}")).encode());
+        assert_eq!(raw, INTERNAL_ERROR, "bad status case {case}: {:?}", String::from_utf8_lossy(&raw));
+    }
+    assert_still_serving(&server);
+}
+
+#[test]
+fn invalid_or_hop_by_hop_headers_are_a_500() {
+    let server = Server::start(&[]);
+    for case in 0..12 {
+        let raw = server.exchange(&RequestBuilder::get(&format!("/bad-header?case={case}")).encode());
+        assert_eq!(raw, INTERNAL_ERROR, "bad header case {case}: {:?}", String::from_utf8_lossy(&raw));
+    }
+    let log = server.log();
+    assert!(log.contains("hop-by-hop"), "{log}");
+    assert_still_serving(&server);
+}
+
+#[test]
+fn body_beyond_declared_content_length_is_cut() {
+    let server = Server::start(&[]);
+    let response = server.get("/content-length-over?key=clo");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n01234"
+    );
+    let result = server.wait_result("clo", |r| r.has("closed"));
+    assert!(!result.has("resumed"), "iteration must stop once Content-Length is reached: {result:?}");
+}
+
+#[test]
+fn list_shorter_than_declared_content_length_is_a_500() {
+    let server = Server::start(&[]);
+    assert_eq!(server.exchange(&RequestBuilder::get("/content-length-short-list").encode()), INTERNAL_ERROR);
+    server.wait_log("Content-Length 10");
+}
+
+#[test]
+fn close_is_called_after_success() {
+    let server = Server::start(&[]);
+    let response = server.get("/close-tracking?key=ok&mode=ok");
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nabc");
+    let result = server.wait_result("ok", |r| r.get("closed") == "True");
+    assert_eq!(result.get("close_calls"), "1");
+    assert_eq!(result.get("finished"), "True");
+}
+
+#[test]
+fn close_is_called_after_an_exception_in_iteration() {
+    let server = Server::start(&[]);
+    let raw = server.exchange(&RequestBuilder::get("/close-tracking?key=rf&mode=raise-first").encode());
+    assert_eq!(raw, INTERNAL_ERROR);
+    let result = server.wait_result("rf", |r| r.get("closed") == "True");
+    assert_eq!(result.get("close_calls"), "1");
+
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/close-tracking?key=rl&mode=raise-later").encode()).unwrap();
+    let _ = conn.read_to_end_result();
+    let result = server.wait_result("rl", |r| r.get("closed") == "True");
+    assert_eq!(result.get("close_calls"), "1");
+    assert_eq!(result.get("produced"), "1");
+    server.wait_log("tracked-iterable-failure");
+}
+
+#[test]
+fn close_is_called_when_the_client_disconnects_mid_stream() {
+    let server = Server::start(&["--threads", "2"]);
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/close-tracking?key=gone&mode=slow").encode()).unwrap();
+    let head = conn.read_head();
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{:?}", String::from_utf8_lossy(&head));
+    drop(conn);
+    let result = server.wait_result("gone", |r| r.get("closed") == "True");
+    assert_eq!(result.get("finished"), "False", "the server must stop the app once the client is gone");
+    assert_eq!(result.get("close_calls"), "1");
+}
+
+#[test]
+fn close_is_called_when_a_tcp_client_disconnects_mid_stream() {
+    let server = Server::builder().tcp().args(&["--threads", "2"]).start();
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/close-tracking?key=gone&mode=slow").encode()).unwrap();
+    conn.read_head();
+    drop(conn);
+    let result = server.wait_result("gone", |r| r.get("closed") == "True");
+    assert_eq!(result.get("finished"), "False");
+}
+
+#[test]
+fn file_wrapper_starts_at_the_file_position_and_stops_at_content_length() {
+    let server = Server::start(&[]);
+    let response = server.get("/file-wrapper?key=fw");
+    assert_eq!(
+        response.raw,
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 8\r\n\r\n56789abc"
+    );
+    let result = server.wait_result("fw", |r| r.get("file_closed") == "True");
+    assert_eq!(result.get("wrapper_type"), "'FileWrapper'");
+}
+
+#[test]
+fn head_requests_get_the_head_only() {
+    let server = Server::start(&[]);
+    let response = server.send(&RequestBuilder::new("HEAD", "/head?key=hl"));
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\n");
+    assert_eq!(server.report("/last-result?key=hl").get("method"), "'HEAD'");
+
+    let response = server.send(&RequestBuilder::new("HEAD", "/head?key=hs&kind=stream"));
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n");
+    let result = server.wait_result("hs", |r| r.get("closed") == "True");
+    assert_eq!(result.get("close_calls"), "1");
+
+    // The same routes with GET do send their bodies.
+    assert_eq!(server.get("/head?key=g").body, b"list body");
+    assert_eq!(server.get("/head?key=g2&kind=stream").body, b"stream body");
+}
+
+#[test]
+fn no_content_and_not_modified_send_no_body() {
+    let server = Server::start(&[]);
+    let response = server.get("/no-content?kind=list");
+    assert_eq!(response.raw, b"HTTP/1.1 204 No Content\r\nX-Kind: list\r\n\r\n");
+    let response = server.get("/no-content?kind=stream&key=nc");
+    assert_eq!(response.raw, b"HTTP/1.1 204 No Content\r\nX-Kind: stream\r\n\r\n");
+    server.wait_result("nc", |r| r.get("closed") == "True");
+    let response = server.get("/no-content?kind=list&status=304+Not+Modified");
+    assert_eq!(response.raw, b"HTTP/1.1 304 Not Modified\r\nX-Kind: list\r\n\r\n");
+}
+
+// --- concurrency -----------------------------------------------------------------------------------
+
+#[test]
+fn threads_run_requests_concurrently() {
+    let server = Server::start(&["--threads", "4"]);
+    let threads: Vec<String> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| server.report("/sleep?ms=5000&until=4").get("thread").to_owned()))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("request thread")).collect()
+    });
+    assert_eq!(server.report("/peak").get("peak"), "4", "four requests must be inside the app at once");
+    let mut distinct = threads.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{threads:?}");
+}
+
+#[test]
+fn one_thread_serves_one_request_at_a_time() {
+    let server = Server::start(&[]);
+    thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(|| server.report("/sleep?ms=50&until=2"));
+        }
+    });
+    assert_eq!(server.report("/peak").get("peak"), "1");
+}
+
+// --- startup and shutdown --------------------------------------------------------------------------
+
+fn socket_in(dir: &std::path::Path) -> String {
+    dir.join("s.sock").display().to_string()
+}
+
+#[test]
+fn missing_module_fails_startup_with_one_error_line() {
+    let dir = temp_dir();
+    let socket = socket_in(&dir);
+    let output = run_to_exit(&["--socket", &socket, "--module", "does_not_exist"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("oxwsgi: error: "), "{stderr}");
+    assert!(stderr.contains("does_not_exist"), "{stderr}");
+    assert!(!std::path::Path::new(&socket).exists(), "no socket may be bound before the app loads");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn import_error_in_the_app_prints_the_traceback_and_fails() {
+    let dir = temp_dir();
+    let socket = socket_in(&dir);
+    let app = app_path("raw_import_error.py").display().to_string();
+    let output = run_to_exit(&["--socket", &socket, "--wsgi-file", &app]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Traceback (most recent call last)"), "{stderr}");
+    assert!(stderr.contains("ModuleNotFoundError"), "{stderr}");
+    assert!(stderr.contains("oxwsgi_test_module_that_does_not_exist"), "{stderr}");
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("oxwsgi: error: ")).collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    assert!(!std::path::Path::new(&socket).exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn missing_or_uncallable_callable_fails_startup() {
+    let dir = temp_dir();
+    let socket = socket_in(&dir);
+    let app = support::pep3333_app().display().to_string();
+    for (name, mention) in [("no_such_callable", "no_such_callable"), ("RESULTS", "not callable")] {
+        let output = run_to_exit(&["--socket", &socket, "--wsgi-file", &app, "--callable", name]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        let error =
+            stderr.lines().find(|l| l.starts_with("oxwsgi: error: ")).unwrap_or_else(|| panic!("{stderr}"));
+        assert!(error.contains(mention), "{error}");
+    }
+    let output = run_to_exit(&["--socket", &socket, "--wsgi-file", "/nonexistent/app.py"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("oxwsgi: error: "));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn buffer_size_over_65535_is_one_error_line() {
+    let app = support::pep3333_app().display().to_string();
+    let output = run_to_exit(&["--socket", "127.0.0.1:1", "--wsgi-file", &app, "--buffer-size", "70000"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("oxwsgi: error: "), "{stderr}");
+    assert!(lines[0].contains("65535"), "{stderr}");
+}
+
+#[test]
+fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
+    let server = Server::start(&[]);
+    let Addr::Unix(path) = server.addr.clone() else { unreachable!() };
+    let app = support::pep3333_app().display().to_string();
+    let output = run_to_exit(&["--socket", &path.display().to_string(), "--wsgi-file", &app]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("oxwsgi: error: "), "{stderr}");
+    assert_still_serving(&server);
+
+    let dir = temp_dir();
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let server = Server::builder().args(&["--socket", &stale.display().to_string()]).start();
+    let mut conn = std::os::unix::net::UnixStream::connect(&stale).expect("the stale path was rebound");
+    conn.write_all(&[100, 0, 0, 0]).unwrap();
+    let mut pong = Vec::new();
+    std::io::Read::read_to_end(&mut conn, &mut pong).unwrap();
+    assert_eq!(pong, [0x64, 0, 0, 1]);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sigterm_exits_zero_and_removes_the_socket_file() {
+    let mut server = Server::start(&[]);
+    assert_still_serving(&server);
+    let Addr::Unix(path) = server.addr.clone() else { unreachable!() };
+    assert!(path.exists());
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    assert!(!path.exists(), "the socket file must be removed at exit");
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight() {
+    let mut server = Server::start(&["--threads", "2"]);
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/sleep?ms=400").encode()).unwrap();
+    // Wait until the request is inside the app.
+    let mut inside = false;
+    for _ in 0..support::POLL_TRIES {
+        if server.report("/peak").get("active") == "1" {
+            inside = true;
+            break;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+    }
+    assert!(inside, "the /sleep request never started");
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    let response = Response::parse(conn.read_to_end_result().expect("the in-flight response")).expect("HTTP");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    assert!(response.body_text().contains("thread: "), "{response:?}");
+}
+
+#[test]
+fn access_log_has_one_line_per_request_unless_disabled() {
+    let server = Server::start(&[]);
+    server.get("/peak?x=1");
+    server.wait_log("GET /peak?x=1 => 200");
+    let quiet = Server::start(&["--disable-logging"]);
+    quiet.get("/peak?x=2");
+    quiet.get("/raise-before");
+    quiet.wait_log("raise-before-marker");
+    assert!(!quiet.log().contains("/peak?x=2"), "{}", quiet.log());
+}
+
+/// Sends `request` and parses the app's report (the answer must be a 200).
+fn report_of(server: &Server, request: &RequestBuilder) -> Report {
+    let response = server.send(request);
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    Report::parse(&response.body)
+}
