@@ -4,6 +4,7 @@
 //! Plain Rust on purpose: nothing here knows pyo3, so the server can be driven by any [`Handler`], and the
 //! WSGI layer never sees a socket.
 
+use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,12 +43,6 @@ pub struct Body {
     pub rest: Option<mpsc::Receiver<io::Result<Bytes>>>,
 }
 
-impl Body {
-    pub fn empty() -> Self {
-        Self { content_length: 0, received: Bytes::new(), rest: None }
-    }
-}
-
 /// The response, sent once per request by the Python thread.
 #[derive(Debug)]
 pub enum Reply {
@@ -64,13 +59,13 @@ impl Reply {
     }
 }
 
-/// What follows a [`Reply::Stream`]. The end of the stream is the channel closing.
+/// What follows a [`Reply::Stream`].
 #[derive(Debug)]
 pub enum StreamItem {
     Chunk(Bytes),
-    /// The app failed after bytes were sent: the connection must be aborted, never closed as if the
-    /// response were complete.
-    Abort,
+    /// The response is complete. A stream that closes without it failed after bytes were sent: the
+    /// connection is aborted, never closed as if the response were complete.
+    End,
 }
 
 /// Something that runs requests: the Python thread pool in production.
@@ -91,3 +86,17 @@ pub trait Handler: Send + Sync + 'static {
 /// The handler is shutting down and takes no more work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejected;
+
+/// `METHOD /uri` of a request for log lines, read from its vars block only when a line is written.
+pub struct RequestLine(pub Bytes);
+
+impl fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Ok(vars) = oxwsgi_proto::parse_vars(&self.0, usize::MAX) else {
+            return f.write_str("?");
+        };
+        let method = vars.get(b"REQUEST_METHOD").unwrap_or_default();
+        let uri = vars.get(b"REQUEST_URI").or_else(|| vars.get(b"PATH_INFO")).unwrap_or_default();
+        write!(f, "{} {}", String::from_utf8_lossy(method), String::from_utf8_lossy(uri))
+    }
+}

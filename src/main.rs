@@ -1,14 +1,21 @@
 //! The `oxwsgi` command: parse options, load the app, bind, serve until SIGINT/SIGTERM.
 
 use std::fmt::Display;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use oxwsgi::config::{Cli, Config};
 use oxwsgi::{server, wsgi};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
+
+/// After the connections are done, how long the Python threads get to finish what follows the response —
+/// the iterables' `close()`, where Flask and Django run their teardown hooks — before the process exits.
+const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let config = match Config::try_from(Cli::parse()) {
@@ -35,8 +42,16 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the I/O runtime: {err}")),
     };
-    if let Err(err) = runtime.block_on(server::run(sockets, config.server, pool, shutdown_signal())) {
+    let handler = Arc::clone(&pool);
+    let served =
+        runtime.block_on(async { server::run(sockets, config.server, handler, shutdown_signal()).await });
+    if let Err(err) = served {
         return fail(err);
+    }
+    if !pool.shutdown(POOL_SHUTDOWN_GRACE) {
+        tracing::warn!(
+            "Python threads still busy after {POOL_SHUTDOWN_GRACE:?}; exiting without atexit handlers"
+        );
     }
     ExitCode::SUCCESS
 }
@@ -56,16 +71,27 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
+/// Installs the handlers now (inside the runtime) and resolves on the first SIGTERM or SIGINT. A second one
+/// stops at once, as with gunicorn and uWSGI, for an operator who does not want to wait for the drain.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut terminate), Ok(mut interrupt)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tracing::info!("{} received", next_signal(&mut terminate, &mut interrupt).await);
+        tokio::spawn(async move {
+            let signal = next_signal(&mut terminate, &mut interrupt).await;
+            tracing::warn!("{signal} received again: stopping now, without waiting for in-flight requests");
+            std::process::exit(1);
+        });
+    }
+}
+
+async fn next_signal(terminate: &mut Signal, interrupt: &mut Signal) -> &'static str {
     tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
     }
 }

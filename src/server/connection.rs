@@ -17,7 +17,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
-use crate::exchange::{Body, Handler, ListenerInfo, Reply, Request, StreamItem};
+use crate::exchange::{Body, Handler, ListenerInfo, Reply, Request, RequestLine, StreamItem};
 use crate::response::parse_decimal;
 
 /// First read buffer: nginx's packets for ordinary browser requests are 1-3 KiB, so one allocation and
@@ -309,8 +309,10 @@ async fn pump_body<R: AsyncRead + Unpin>(
             Ok(Err(err)) => err,
             Err(_) => io::Error::new(io::ErrorKind::TimedOut, "timed out waiting for the request body"),
         };
+        // Never wait here: an app that stopped reading may hold the body for ever. If the channel is full,
+        // dropping the sender still ends the body for the app, with an error.
         if let Some(tx) = feeding {
-            let _ = tx.send(Err(error)).await;
+            let _ = tx.try_send(Err(error));
         }
         return;
     }
@@ -372,22 +374,22 @@ async fn respond<W: AsyncWrite + Unpin>(
                 outcome.end = End::WriteFailed(err);
                 return outcome;
             }
-            while let Some(item) = rest.recv().await {
-                match item {
-                    StreamItem::Chunk(chunk) => {
+            loop {
+                match rest.recv().await {
+                    Some(StreamItem::Chunk(chunk)) => {
                         if let Err(err) = write_all(writer, &[&chunk], wait).await {
                             outcome.end = End::WriteFailed(err);
                             return outcome;
                         }
                         outcome.body_bytes += chunk.len() as u64;
                     }
-                    StreamItem::Abort => {
+                    Some(StreamItem::End) => return outcome,
+                    None => {
                         outcome.end = End::Aborted;
                         return outcome;
                     }
                 }
             }
-            outcome
         }
     }
 }
@@ -408,20 +410,6 @@ async fn write_all<W: AsyncWrite + Unpin>(writer: &mut W, parts: &[&[u8]], wait:
         IoSlice::advance_slices(&mut slices, written);
     }
     writer.flush().await
-}
-
-/// `METHOD /uri` of a request for log lines, read from its vars only when a line is written.
-pub(crate) struct RequestLine(pub Bytes);
-
-impl fmt::Display for RequestLine {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Ok(vars) = oxwsgi_proto::parse_vars(&self.0, usize::MAX) else {
-            return f.write_str("?");
-        };
-        let method = vars.get(b"REQUEST_METHOD").unwrap_or_default();
-        let uri = vars.get(b"REQUEST_URI").or_else(|| vars.get(b"PATH_INFO")).unwrap_or_default();
-        write!(f, "{} {}", String::from_utf8_lossy(method), String::from_utf8_lossy(uri))
-    }
 }
 
 #[cfg(test)]

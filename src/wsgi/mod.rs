@@ -188,6 +188,16 @@ fn traceback(py: Python<'_>, err: &PyErr) -> String {
     }
 }
 
+/// Runs the app's `atexit` handlers (Sentry's flush, `logging.shutdown`, ...), as a normal interpreter exit
+/// would; the embedded interpreter is never finalized, so nothing else runs them.
+fn run_exit_hooks() {
+    Python::attach(|py| {
+        if let Err(err) = py.import("atexit").and_then(|atexit| atexit.call_method0("_run_exitfuncs")) {
+            tracing::error!("atexit handler failed:\n{}", traceback(py, &err));
+        }
+    });
+}
+
 /// Builds the pool of Python threads that run `app`.
 pub fn start(app: App, config: PoolConfig) -> PyResult<Pool> {
     Pool::start(app, config)

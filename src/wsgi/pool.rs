@@ -2,18 +2,30 @@
 //! released, runs the app for one request, and sends its [`Reply`] back to the connection.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
-use tracing::{error, info};
+use tracing::{debug, error};
 
 use super::environ::EnvironTemplate;
 use super::response::{drive, Failure, Sink, StartResponse};
 use super::{traceback, App};
 use crate::config::PoolConfig;
-use crate::exchange::{Handler, Rejected, Reply, Request};
+use crate::exchange::{Handler, Rejected, Reply, Request, RequestLine};
+
+/// How often shutdown checks whether the threads have finished.
+const JOIN_POLL: Duration = Duration::from_millis(10);
+
+enum Task {
+    Run(Job),
+    /// Re-attach once, so Python objects released by the I/O side are freed now rather than at the next
+    /// request (pyo3 frees objects dropped off-interpreter when a thread re-attaches).
+    Collect,
+}
 
 struct Job {
     request: Request,
@@ -22,15 +34,29 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What every pool thread shares.
-struct Shared {
-    app: Py<PyAny>,
-    environ: EnvironTemplate,
+/// The pool's queue, shared with the response buffers that need a thread to free them.
+pub(super) struct Queue {
+    sender: Mutex<Option<crossbeam_channel::Sender<Task>>>,
+    collect_pending: AtomicBool,
+}
+
+impl Queue {
+    fn send(&self, task: Task) -> Result<(), Rejected> {
+        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        sender.as_ref().ok_or(Rejected)?.send(task).map_err(|_| Rejected)
+    }
+
+    /// Asks one thread to free what the I/O side released; at most one such request is queued at a time.
+    pub(super) fn collect_soon(&self) {
+        if !self.collect_pending.swap(true, Ordering::AcqRel) {
+            let _ = self.send(Task::Collect);
+        }
+    }
 }
 
 /// N Python threads running one app.
 pub struct Pool {
-    jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
+    queue: Arc<Queue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     capacity: usize,
 }
@@ -38,32 +64,37 @@ pub struct Pool {
 impl Pool {
     pub(super) fn start(app: App, config: PoolConfig) -> PyResult<Self> {
         let threads = config.threads.get();
-        let shared = Python::attach(|py| -> PyResult<Shared> {
-            Ok(Shared { app: app.callable, environ: EnvironTemplate::new(py, threads > 1)? })
-        })?;
-        let shared = Arc::new(shared);
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let app = Arc::new(app.callable);
+        let (sender, receiver) = crossbeam_channel::unbounded::<Task>();
+        let queue =
+            Arc::new(Queue { sender: Mutex::new(Some(sender)), collect_pending: AtomicBool::new(false) });
         let handles = (0..threads)
             .map(|index| {
-                let shared = Arc::clone(&shared);
-                let queue = queue.clone();
+                let (app, queue, receiver) = (Arc::clone(&app), Arc::clone(&queue), receiver.clone());
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_jobs(py, &shared, &queue)))
+                    .spawn(move || Python::attach(|py| serve_jobs(py, &app, &queue, &receiver, threads > 1)))
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
-        Ok(Self { jobs: Mutex::new(Some(jobs)), threads: Mutex::new(handles), capacity: threads })
+        Ok(Self { queue, threads: Mutex::new(handles), capacity: threads })
     }
 
-    /// Lets the threads finish the queued requests, then joins them.
-    pub fn shutdown(&self) {
-        drop(self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
-        let handles =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        for handle in handles {
-            let _ = handle.join();
+    /// Takes no more requests, lets the threads finish the ones they run (including the iterables'
+    /// `close()`, where frameworks run their teardown hooks) for up to `grace`, then runs the app's `atexit`
+    /// handlers if every thread finished. Returns whether they did.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        drop(self.queue.sender.lock().unwrap_or_else(PoisonError::into_inner).take());
+        let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let deadline = Instant::now() + grace;
+        while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(JOIN_POLL);
         }
+        let finished = handles.iter().all(JoinHandle::is_finished);
+        if finished {
+            super::run_exit_hooks();
+        }
+        finished
     }
 }
 
@@ -74,9 +105,7 @@ impl Handler for Pool {
         permit: OwnedSemaphorePermit,
     ) -> Result<oneshot::Receiver<Reply>, Rejected> {
         let (reply, receiver) = oneshot::channel();
-        let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let jobs = jobs.as_ref().ok_or(Rejected)?;
-        jobs.send(Job { request, reply, _permit: permit }).map_err(|_| Rejected)?;
+        self.queue.send(Task::Run(Job { request, reply, _permit: permit }))?;
         Ok(receiver)
     }
 
@@ -85,42 +114,77 @@ impl Handler for Pool {
     }
 }
 
-fn serve_jobs(py: Python<'_>, shared: &Shared, queue: &crossbeam_channel::Receiver<Job>) {
-    while let Ok(job) = py.detach(|| queue.recv()) {
-        // A bug of ours must cost one request, not a thread of the pool.
-        if std::panic::catch_unwind(AssertUnwindSafe(|| run(py, shared, job))).is_err() {
-            error!("internal error while running a request; the thread continues");
+fn serve_jobs(
+    py: Python<'_>,
+    app: &Py<PyAny>,
+    queue: &Arc<Queue>,
+    receiver: &crossbeam_channel::Receiver<Task>,
+    multithread: bool,
+) {
+    // Per thread, so `wsgi.errors` lines from different threads never interleave.
+    let environ = match EnvironTemplate::new(py, multithread) {
+        Ok(environ) => environ,
+        Err(err) => {
+            error!("cannot prepare the WSGI environ template; this thread stops:\n{}", traceback(py, &err));
+            return;
+        }
+    };
+    while let Ok(task) = py.detach(|| receiver.recv()) {
+        match task {
+            Task::Run(job) => {
+                // A bug of ours must cost one request, not a thread of the pool.
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| run(py, app, &environ, queue, job)));
+                if ran.is_err() {
+                    error!("internal error while running a request; the thread continues");
+                }
+            }
+            Task::Collect => {
+                queue.collect_pending.store(false, Ordering::Release);
+                // Objects released after this thread re-attached are freed by the next re-attach.
+                py.detach(|| ());
+            }
         }
     }
 }
 
+/// Answers with a 500 (or aborts the stream) if the request ends without a response, however it ends —
+/// including a panic — even if the app keeps a reference to `start_response`.
+struct Unanswered(Arc<Mutex<Sink>>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).fail();
+    }
+}
+
 /// One request: environ, app call, iteration, `close()` — always — and the reply.
-fn run(py: Python<'_>, shared: &Shared, job: Job) {
+fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Queue>, job: Job) {
     let Job { request, reply, _permit } = job;
-    let target = RequestLabel(request.vars.clone());
-    let sink = Sink::new(reply, request.head_only);
+    let line = RequestLine(request.vars.clone());
+    let sink = Sink::new(reply, request.head_only, Arc::clone(queue));
+    let _unanswered = Unanswered(Arc::clone(&sink));
     let result = (|| -> Result<(), Failure> {
-        let environ = shared.environ.build(py, request)?;
+        let environ = environ.build(py, request)?;
         let start_response = Bound::new(py, StartResponse::new(Arc::clone(&sink)))?;
-        let iterable = shared.app.bind(py).call1((environ, start_response))?;
+        let iterable = app.bind(py).call1((environ, start_response))?;
         let driven = drive(py, &iterable, &sink);
         let closed = close(&iterable);
-        driven?;
-        closed.map_err(Failure::Python)
+        match (driven, closed) {
+            (Err(failure), Err(err)) => {
+                error!(request = %line, "the iterable's close() raised too:\n{}", traceback(py, &err));
+                Err(failure)
+            }
+            (driven, closed) => driven.and(closed.map_err(Failure::Python)),
+        }
     })();
-    match result {
-        Ok(()) => {}
-        Err(Failure::Python(err)) => {
-            error!(request = %target, "app raised an exception:\n{}", traceback(py, &err));
-            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fail();
-        }
-        Err(Failure::Wsgi(reason)) => {
-            error!(request = %target, "WSGI violation: {reason}");
-            sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).fail();
-        }
-        Err(Failure::ClientGone) => {
-            info!(request = %target, "client closed the connection before the response ended");
-        }
+    let client_gone = sink.lock().unwrap_or_else(PoisonError::into_inner).client_gone();
+    let Err(failure) = result else { return };
+    match failure {
+        // The connection logs the disconnect; what it makes the app raise is not an app error.
+        _ if client_gone => debug!(request = %line, "the app stopped: the client closed the connection"),
+        Failure::ClientGone => {}
+        Failure::Python(err) => error!(request = %line, "app raised an exception:\n{}", traceback(py, &err)),
+        Failure::Wsgi(reason) => error!(request = %line, "WSGI violation: {reason}"),
     }
 }
 
@@ -130,19 +194,5 @@ fn close(iterable: &Bound<'_, PyAny>) -> PyResult<()> {
         Ok(close) => close.call0().map(drop),
         Err(err) if err.is_instance_of::<pyo3::exceptions::PyAttributeError>(iterable.py()) => Ok(()),
         Err(err) => Err(err),
-    }
-}
-
-/// `METHOD /uri` for log lines, read from the vars block only when a line is written.
-struct RequestLabel(bytes::Bytes);
-
-impl std::fmt::Display for RequestLabel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Ok(vars) = oxwsgi_proto::parse_vars(&self.0, usize::MAX) else {
-            return f.write_str("?");
-        };
-        let text = |key: &[u8]| String::from_utf8_lossy(vars.get(key).unwrap_or_default()).into_owned();
-        let uri = vars.get(b"REQUEST_URI").or_else(|| vars.get(b"PATH_INFO")).unwrap_or_default();
-        write!(f, "{} {}", text(b"REQUEST_METHOD"), String::from_utf8_lossy(uri))
     }
 }

@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use tokio::sync::{mpsc, oneshot};
 
+use super::pool::Queue;
 use crate::exchange::{Reply, StreamItem};
 use crate::response::Head;
 
@@ -26,24 +27,24 @@ const STREAM_CHANNEL_CHUNKS: usize = 8;
 const COPY_CHUNKS_UP_TO: usize = 4096;
 
 /// The response state of one request, shared by `start_response`, `write()` and the iteration.
+///
+/// What was sent is read off the two channels: while `reply` is there nothing went out (the head can still
+/// be replaced with `exc_info`, or become a 500); while `stream` is there the body is streaming; with
+/// neither, the response is complete and further chunks are dropped.
 pub(super) struct Sink {
     reply: Option<oneshot::Sender<Reply>>,
+    stream: Option<mpsc::Sender<StreamItem>>,
     head: Option<Head>,
-    state: State,
     head_only: bool,
     sent: u64,
+    /// nginx closed the connection: the errors this causes in the app are not the app's fault.
+    client_gone: bool,
+    /// Where large chunks ask for a Python thread to free them once written.
+    queue: Arc<Queue>,
 }
 
-enum State {
-    /// Nothing written yet: the head can still be replaced (with `exc_info`) or become a 500.
-    Pending,
-    Streaming(mpsc::Sender<StreamItem>),
-    /// The response is complete (or needs no body); further chunks are dropped.
-    Done,
-}
-
-/// A chunk to send on the stream once the sink's lock is released.
-type Pending = (mpsc::Sender<StreamItem>, Bytes);
+/// A send to make once the sink's lock is released (it may wait for the socket).
+type Deferred = (mpsc::Sender<StreamItem>, StreamItem);
 
 /// Whether the app should keep producing body chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,23 +76,36 @@ fn lock(sink: &Mutex<Sink>) -> MutexGuard<'_, Sink> {
 }
 
 impl Sink {
-    pub(super) fn new(reply: oneshot::Sender<Reply>, head_only: bool) -> Arc<Mutex<Self>> {
-        Arc::new(Mutex::new(Self {
+    pub(super) fn new(reply: oneshot::Sender<Reply>, head_only: bool, queue: Arc<Queue>) -> Arc<Mutex<Self>> {
+        let sink = Self {
             reply: Some(reply),
+            stream: None,
             head: None,
-            state: State::Pending,
             head_only,
             sent: 0,
-        }))
+            client_gone: false,
+            queue,
+        };
+        Arc::new(Mutex::new(sink))
     }
 
-    fn is_pending(&self) -> bool {
-        matches!(self.state, State::Pending)
+    fn nothing_sent(&self) -> bool {
+        self.reply.is_some()
+    }
+
+    pub(super) fn client_gone(&self) -> bool {
+        self.client_gone
     }
 
     fn send_reply(&mut self, reply: Reply) -> Result<(), Failure> {
         let sender = self.reply.take().ok_or(Failure::ClientGone)?;
-        sender.send(reply).map_err(|_| Failure::ClientGone)
+        sender.send(reply).map_err(|_| self.gone())
+    }
+
+    fn gone(&mut self) -> Failure {
+        self.client_gone = true;
+        self.stream = None;
+        Failure::ClientGone
     }
 
     fn no_body(&self, head: &Head) -> bool {
@@ -114,100 +128,79 @@ impl Sink {
         (chunk, Flow::More)
     }
 
-    /// Decides what to do with one non-empty chunk; returns the channel to send it on when it must be
-    /// sent after the lock is released (sending may wait for the socket).
-    fn take_chunk(&mut self, chunk: Bytes) -> Result<(Option<Pending>, Flow), Failure> {
-        match &self.state {
-            State::Done => Ok((None, Flow::Enough)),
-            State::Streaming(tx) => {
-                let tx = tx.clone();
-                let (chunk, flow) = self.within_length(chunk);
-                Ok((Some((tx, chunk)), flow))
-            }
-            State::Pending => {
-                let head = self.head.clone().ok_or_else(missing_start_response)?;
-                if self.no_body(&head) {
-                    self.state = State::Done;
-                    let reply = Reply::Full {
-                        status: head.status(),
-                        head: head.finish(None).into(),
-                        body: Vec::new(),
-                    };
-                    self.send_reply(reply)?;
-                    return Ok((None, Flow::Enough));
-                }
-                let (chunk, flow) = self.within_length(chunk);
-                let (tx, rx) = mpsc::channel(STREAM_CHANNEL_CHUNKS);
-                self.state = State::Streaming(tx);
-                let status = head.status();
-                self.send_reply(Reply::Stream {
-                    status,
-                    head: head.finish(None).into(),
-                    first: chunk,
-                    rest: rx,
-                })?;
-                if flow == Flow::Enough {
-                    self.state = State::Done;
-                }
-                Ok((None, flow))
-            }
+    /// Takes one non-empty chunk: the first one sends the head with it; later ones are returned to be sent
+    /// on the stream after the lock is released.
+    fn take_chunk(&mut self, chunk: Bytes) -> Result<(Option<Deferred>, Flow), Failure> {
+        if let Some(stream) = self.stream.clone() {
+            let (chunk, flow) = self.within_length(chunk);
+            let send = (!chunk.is_empty()).then_some((stream, StreamItem::Chunk(chunk)));
+            return Ok((send, flow));
         }
+        if !self.nothing_sent() {
+            return Ok((None, Flow::Enough));
+        }
+        let head = self.head.clone().ok_or_else(missing_start_response)?;
+        if self.no_body(&head) {
+            let reply =
+                Reply::Full { status: head.status(), head: head.finish(None).into(), body: Vec::new() };
+            self.send_reply(reply)?;
+            return Ok((None, Flow::Enough));
+        }
+        let (chunk, flow) = self.within_length(chunk);
+        let (stream, rest) = mpsc::channel(STREAM_CHANNEL_CHUNKS);
+        let status = head.status();
+        self.send_reply(Reply::Stream { status, head: head.finish(None).into(), first: chunk, rest })?;
+        self.stream = Some(stream);
+        Ok((None, flow))
     }
 
     /// The iterable is exhausted. `collected` holds the whole body when the result was a list or tuple.
-    fn finish(&mut self, collected: Option<Vec<Bytes>>) -> Result<(), Failure> {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Done => Ok(()),
-            State::Streaming(tx) => {
-                let short = self
-                    .head
-                    .as_ref()
-                    .and_then(Head::content_length)
-                    .filter(|&declared| self.sent < declared);
-                if let (Some(declared), false) = (short, self.head_only) {
-                    let _ = tx.try_send(StreamItem::Abort);
-                    return Err(Failure::Wsgi(format!(
-                        "the app declared Content-Length {declared} but produced {} bytes",
-                        self.sent
-                    )));
-                }
-                Ok(())
+    /// Returns the end-of-stream marker to send once the lock is released.
+    fn finish(&mut self, collected: Option<Vec<Bytes>>) -> Result<Option<Deferred>, Failure> {
+        if let Some(stream) = self.stream.take() {
+            let declared = self.head.as_ref().and_then(Head::content_length);
+            if let Some(declared) = declared.filter(|&declared| self.sent < declared) {
+                // Dropping the stream without its end marker aborts the connection.
+                return Err(Failure::Wsgi(format!(
+                    "the app declared Content-Length {declared} but produced {} bytes",
+                    self.sent
+                )));
             }
-            State::Pending => {
-                let head = self.head.take().ok_or_else(missing_start_response)?;
-                let mut body = collected.unwrap_or_default();
-                let mut total: u64 = body.iter().map(|c| c.len() as u64).sum();
-                if let Some(declared) = head.content_length() {
-                    if total > declared {
-                        truncate_body(&mut body, declared);
-                        total = declared;
-                    } else if total < declared && !self.no_body(&head) {
-                        return Err(Failure::Wsgi(format!(
-                            "the app declared Content-Length {declared} but produced {total} bytes"
-                        )));
-                    }
-                }
-                if self.no_body(&head) {
-                    body.clear();
-                }
-                let reply =
-                    Reply::Full { status: head.status(), head: head.finish(Some(total)).into(), body };
-                self.send_reply(reply)
+            return Ok(Some((stream, StreamItem::End)));
+        }
+        if !self.nothing_sent() {
+            return Ok(None);
+        }
+        let head = self.head.clone().ok_or_else(missing_start_response)?;
+        let mut body = collected.unwrap_or_default();
+        let mut total: u64 = body.iter().map(|c| c.len() as u64).sum();
+        if let Some(declared) = head.content_length() {
+            if total > declared {
+                truncate_body(&mut body, declared);
+                total = declared;
+            } else if total < declared && !self.no_body(&head) {
+                return Err(Failure::Wsgi(format!(
+                    "the app declared Content-Length {declared} but produced {total} bytes"
+                )));
             }
         }
+        // A HEAD answered without a body says nothing about the GET body's length: derive none.
+        let derived = (!(self.head_only && total == 0)).then_some(total);
+        if self.no_body(&head) {
+            body.clear();
+        }
+        let reply = Reply::Full { status: head.status(), head: head.finish(derived).into(), body };
+        self.send_reply(reply)?;
+        Ok(None)
     }
 
-    /// The request failed: a 500 if nothing was sent yet, otherwise the connection is aborted.
+    /// The request failed: a 500 if nothing was sent yet; otherwise the stream is dropped without its end
+    /// marker, which aborts the connection.
     pub(super) fn fail(&mut self) {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Pending => {
-                let _ = self.send_reply(Reply::internal_error());
-            }
-            State::Streaming(tx) => {
-                let _ = tx.try_send(StreamItem::Abort);
-            }
-            State::Done => {}
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(Reply::internal_error());
         }
+        self.stream = None;
     }
 }
 
@@ -225,36 +218,38 @@ fn missing_start_response() -> Failure {
     Failure::Wsgi("the app produced body bytes (or returned) without calling start_response()".into())
 }
 
-/// Sends one chunk: a `try_send` first, and only when the channel is full a wait with the interpreter
-/// released, so other Python threads run while the socket drains.
+/// Sends one chunk: with the lock released, a `try_send` first, and only when the channel is full a wait
+/// with the interpreter released, so other Python threads run while the socket drains.
 fn emit(py: Python<'_>, sink: &Mutex<Sink>, chunk: Bytes) -> Result<Flow, Failure> {
     if chunk.is_empty() {
         return Ok(Flow::More);
     }
     let (send, flow) = lock(sink).take_chunk(chunk)?;
-    if let Some((tx, chunk)) = send {
-        if !chunk.is_empty() {
-            send_item(py, &tx, StreamItem::Chunk(chunk))?;
-        }
-        if flow == Flow::Enough {
-            lock(sink).state = State::Done;
-        }
+    if let Some(send) = send {
+        deliver(py, sink, send)?;
     }
     Ok(flow)
 }
 
-fn send_item(py: Python<'_>, tx: &mpsc::Sender<StreamItem>, item: StreamItem) -> Result<(), Failure> {
-    match tx.try_send(item) {
-        Ok(()) => Ok(()),
-        Err(mpsc::error::TrySendError::Closed(_)) => Err(Failure::ClientGone),
-        Err(mpsc::error::TrySendError::Full(item)) => {
-            py.detach(|| tx.blocking_send(item)).map_err(|_| Failure::ClientGone)
-        }
+fn finish(py: Python<'_>, sink: &Mutex<Sink>, collected: Option<Vec<Bytes>>) -> Result<(), Failure> {
+    let end = lock(sink).finish(collected)?;
+    match end {
+        Some(end) => deliver(py, sink, end),
+        None => Ok(()),
     }
 }
 
+fn deliver(py: Python<'_>, sink: &Mutex<Sink>, (stream, item): Deferred) -> Result<(), Failure> {
+    let sent = match stream.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        Err(mpsc::error::TrySendError::Full(item)) => py.detach(|| stream.blocking_send(item)).map_err(drop),
+    };
+    sent.map_err(|()| lock(sink).gone())
+}
+
 /// A body chunk from the app: `bytes` only (PEP 3333), large ones shared rather than copied.
-pub(super) fn chunk_from(value: &Bound<'_, PyAny>) -> Result<Bytes, Failure> {
+fn chunk_from(value: &Bound<'_, PyAny>, queue: &Arc<Queue>) -> Result<Bytes, Failure> {
     let bytes = value.cast::<PyBytes>().map_err(|_| {
         let kind = value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
         Failure::Wsgi(format!("the app produced a {kind} body chunk; WSGI bodies must be bytes"))
@@ -263,20 +258,30 @@ pub(super) fn chunk_from(value: &Bound<'_, PyAny>) -> Result<Bytes, Failure> {
     if data.len() <= COPY_CHUNKS_UP_TO {
         return Ok(Bytes::copy_from_slice(data));
     }
+    let object = Some(bytes.clone().unbind());
     Ok(Bytes::from_owner(SharedPyBytes {
         ptr: data.as_ptr(),
         len: data.len(),
-        _object: bytes.clone().unbind(),
+        object,
+        queue: Arc::clone(queue),
     }))
 }
 
 /// A Python `bytes` object lent to the writer. Its buffer is immutable and lives as long as the object, which
-/// this owns; dropping it without the interpreter queues the decref for the next Python thread that
-/// re-attaches (pyo3's deferred reference pool).
+/// this owns. Dropped on the I/O side, the reference goes to pyo3's deferred pool, and a pool thread is asked
+/// to re-attach soon so the memory is freed now, not at the next request.
 struct SharedPyBytes {
     ptr: *const u8,
     len: usize,
-    _object: Py<PyBytes>,
+    object: Option<Py<PyBytes>>,
+    queue: Arc<Queue>,
+}
+
+impl Drop for SharedPyBytes {
+    fn drop(&mut self) {
+        drop(self.object.take());
+        self.queue.collect_soon();
+    }
 }
 
 // SAFETY: the pointer targets the immutable buffer of a `bytes` object kept alive by `_object`; reading it
@@ -295,16 +300,18 @@ impl AsRef<[u8]> for SharedPyBytes {
 /// Runs the iterable the app returned to its end (or until the response is complete), then reports it.
 pub(super) fn drive(py: Python<'_>, iterable: &Bound<'_, PyAny>, sink: &Mutex<Sink>) -> Result<(), Failure> {
     let is_sequence = iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
-    if is_sequence && lock(sink).is_pending() {
-        let chunks = iterable.try_iter()?.map(|item| chunk_from(&item?)).collect::<Result<Vec<_>, _>>()?;
-        return lock(sink).finish(Some(chunks));
+    let queue = Arc::clone(&lock(sink).queue);
+    if is_sequence && lock(sink).nothing_sent() {
+        let chunks =
+            iterable.try_iter()?.map(|item| chunk_from(&item?, &queue)).collect::<Result<Vec<_>, _>>()?;
+        return finish(py, sink, Some(chunks));
     }
     for item in iterable.try_iter()? {
-        if emit(py, sink, chunk_from(&item?)?)? == Flow::Enough {
+        if emit(py, sink, chunk_from(&item?, &queue)?)? == Flow::Enough {
             break;
         }
     }
-    lock(sink).finish(None)
+    finish(py, sink, None)
 }
 
 /// The `start_response` callable given to the app.
@@ -329,19 +336,21 @@ impl StartResponse {
         exc_info: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Write> {
         let exc_info = exc_info.filter(|e| !e.is_none());
-        {
+        // Read under the lock, act after it: the exc_info calls below run Python code.
+        let (started, nothing_sent) = {
             let sink = lock(&self.sink);
-            if sink.head.is_some() && exc_info.is_none() {
-                return Err(PyRuntimeError::new_err(
-                    "start_response() called a second time without exc_info (PEP 3333)",
-                ));
-            }
-            if let (Some(exc_info), false) = (exc_info, sink.is_pending()) {
-                // The head is on the wire: PEP 3333 says re-raise the app's own exception.
-                let value = exc_info.get_item(1)?;
-                let value = value.call_method1("with_traceback", (exc_info.get_item(2)?,))?;
-                return Err(PyErr::from_value(value));
-            }
+            (sink.head.is_some(), sink.nothing_sent())
+        };
+        if started && exc_info.is_none() {
+            return Err(PyRuntimeError::new_err(
+                "start_response() called a second time without exc_info (PEP 3333)",
+            ));
+        }
+        if let (Some(exc_info), false) = (exc_info, nothing_sent) {
+            // The head is on the wire: PEP 3333 says re-raise the app's own exception.
+            let value = exc_info.get_item(1)?;
+            let value = value.call_method1("with_traceback", (exc_info.get_item(2)?,))?;
+            return Err(PyErr::from_value(value));
         }
         let status = latin1(status, "status")?;
         let headers = headers.cast::<PyList>().map_err(|_| {
@@ -386,7 +395,8 @@ pub(super) struct Write {
 #[pymethods]
 impl Write {
     fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let chunk = chunk_from(data).map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
+        let queue = Arc::clone(&lock(&self.sink).queue);
+        let chunk = chunk_from(data, &queue).map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
         match emit(py, &self.sink, chunk) {
             Ok(_) => Ok(()),
             Err(Failure::Python(err)) => Err(err),

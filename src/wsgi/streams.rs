@@ -11,6 +11,9 @@ use tokio::sync::mpsc;
 
 use crate::exchange::Body;
 
+/// How much a large `read(n)` reserves beyond the bytes already received.
+const READ_RESERVE_AHEAD: usize = 1024 * 1024;
+
 /// `wsgi.input`: the request body. Ends at `CONTENT_LENGTH`, never reads past it, and waits for the socket
 /// with the interpreter released.
 #[pyclass(module = "oxwsgi")]
@@ -69,7 +72,8 @@ impl Input {
     }
 
     fn read_exact_or_eof(&mut self, py: Python<'_>, want: usize) -> PyResult<Vec<u8>> {
-        let mut out = Vec::with_capacity(want);
+        // `want` may come from a CONTENT_LENGTH no client will ever send: grow with what arrives instead.
+        let mut out = Vec::with_capacity(want.min(self.current.len() + READ_RESERVE_AHEAD));
         while out.len() < want && self.fill(py)? {
             let take = (want - out.len()).min(self.current.len());
             out.extend_from_slice(&self.current[..take]);
