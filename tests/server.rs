@@ -8,7 +8,7 @@
 mod support;
 
 use std::fmt::Write as _;
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::thread;
 use std::time::Duration;
 
@@ -538,6 +538,63 @@ fn unread_body_is_drained_so_the_response_arrives_whole() {
     }
 }
 
+#[test]
+fn read_of_a_huge_content_length_does_not_kill_the_server() {
+    let mut server = Server::start(&[]);
+    // The app calls wsgi.input.read(int(CONTENT_LENGTH)) with ten trillion: reserving that up front aborted
+    // the process. The request itself may end with a 500 or a closed connection; the server must live on.
+    let request =
+        RequestBuilder::post("/read-content-length", b"tiny").set("CONTENT_LENGTH", b"10000000000000");
+    let mut conn = server.connect();
+    conn.write_all(&request.encode()).unwrap();
+    conn.shutdown_write();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    drop(conn);
+    if let Some(status) = server.try_exit() {
+        panic!(
+            "oxwsgi died ({status}) after answering {:?}; log:\n{}",
+            String::from_utf8_lossy(&got),
+            server.log()
+        );
+    }
+    let response = server.get("/peak");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    assert!(server.try_exit().is_none(), "log:\n{}", server.log());
+}
+
+#[test]
+fn body_stalling_after_the_response_is_given_up_even_if_the_app_keeps_it() {
+    // The app answers at once, ignores the body and keeps its environ (so wsgi.input, and the body channel,
+    // stay alive). The body then stalls after filling that channel: once --socket-timeout passes, the server
+    // must close the connection; it used to wait for ever to hand the timeout to an app that never reads.
+    let server = Server::start(&["--socket-timeout", "1"]);
+    let request = RequestBuilder::post("/ignore-body-keep-environ", b"")
+        .set("CONTENT_LENGTH", (10 * 1024 * 1024).to_string().as_bytes());
+    let mut conn = server.connect();
+    conn.write_all(&request.packet()).unwrap();
+    let response = read_response_with_length(&mut conn);
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    assert_eq!(Report::parse(&response.body).get("content_length"), "'10485760'");
+    // 256 KiB in four writes the size of the server's body reads, so they fill the four-chunk channel
+    // exactly and the server is left waiting for more (the pauses keep each piece one read); then nothing,
+    // with our side still open.
+    let piece = vec![b'b'; 64 * 1024];
+    for _ in 0..4 {
+        conn.write_all(&piece).unwrap();
+        conn.flush().unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    match conn.read_to_end_result() {
+        Ok(rest) => {
+            assert!(rest.is_empty(), "bytes after the response: {:?}", String::from_utf8_lossy(&rest));
+        }
+        Err((err, _)) => panic!("the server kept the connection open ({err}); log:\n{}", server.log()),
+    }
+    assert_still_serving(&server);
+}
+
 // --- responses -------------------------------------------------------------------------------------
 
 #[test]
@@ -666,6 +723,45 @@ fn exception_after_body_bytes_resets_a_tcp_connection() {
 }
 
 #[test]
+fn failed_stream_read_slowly_over_tcp_is_reset_never_closed_cleanly() {
+    // 60 chunks of 128 KiB, then the generator raises. The client reads slowly through a small receive
+    // window, so the server's chunk queue is full when the failure comes; the abort used to be lost there and
+    // the connection closed cleanly, which without Content-Length looks like a complete response. The old
+    // failure depended on timing, hence several runs.
+    let server = Server::builder().tcp().start();
+    let produced = 60 * 128 * 1024;
+    for run in 1..=3 {
+        let mut conn = server.connect_tcp_small_rcvbuf(4096);
+        conn.write_all(&RequestBuilder::get(&format!("/big-stream-then-raise?run={run}")).encode()).unwrap();
+        let mut got = 0usize;
+        let mut buf = [0u8; 16 * 1024];
+        let end = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break None,
+                Ok(n) => got += n,
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) => break Some(err),
+            }
+            thread::sleep(Duration::from_millis(1));
+        };
+        match end {
+            Some(err) => {
+                assert_eq!(err.kind(), ErrorKind::ConnectionReset, "run {run}: {err} after {got} bytes");
+            }
+            None => panic!(
+                "run {run}: clean EOF after {got} bytes, which looks like a complete response (the app \
+                 produced {produced} body bytes, then raised); log:\n{}",
+                server.log()
+            ),
+        }
+        wait_log_count(&server, "response aborted", run);
+    }
+    let log = server.log();
+    assert!(log.contains("big-stream-failure"), "{log}");
+    assert_still_serving(&server);
+}
+
+#[test]
 fn str_body_chunk_is_a_500() {
     let server = Server::start(&[]);
     assert_eq!(server.exchange(&RequestBuilder::get("/str-chunk").encode()), INTERNAL_ERROR);
@@ -711,6 +807,17 @@ fn list_shorter_than_declared_content_length_is_a_500() {
     let server = Server::start(&[]);
     assert_eq!(server.exchange(&RequestBuilder::get("/content-length-short-list").encode()), INTERNAL_ERROR);
     server.wait_log("Content-Length 10");
+}
+
+#[test]
+fn short_list_with_a_kept_start_response_still_gets_its_500() {
+    // The app keeps start_response (and so the server's response state) alive after the request: the 500 for
+    // its short body must not wait for that state to be dropped.
+    let server = Server::start(&[]);
+    let raw = server.exchange(&RequestBuilder::get("/content-length-short-kept").encode());
+    assert_eq!(raw, INTERNAL_ERROR, "{:?}", String::from_utf8_lossy(&raw));
+    server.wait_log("Content-Length 10");
+    assert_still_serving(&server);
 }
 
 #[test]
@@ -791,6 +898,57 @@ fn head_requests_get_the_head_only() {
     // The same routes with GET do send their bodies.
     assert_eq!(server.get("/head?key=g").body, b"list body");
     assert_eq!(server.get("/head?key=g2&kind=stream").body, b"stream body");
+}
+
+#[test]
+fn head_answered_with_an_empty_body_gets_no_content_length() {
+    // Werkzeug answers HEAD with an empty iterable and no Content-Length when the GET body is streamed:
+    // `Content-Length: 0` would be a lie about the GET body.
+    let server = Server::start(&[]);
+    for kind in ["generator", "list"] {
+        let response = server.send(&RequestBuilder::new("HEAD", &format!("/head-like-flask?kind={kind}")));
+        assert_eq!(response.header("Content-Length"), None, "HEAD, {kind}: {response:?}");
+        assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", "{response:?}");
+    }
+    let response = server.get("/head-like-flask");
+    assert_eq!(response.raw, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nstreamed body");
+}
+
+#[test]
+fn a_large_response_is_freed_without_another_request() {
+    let server = Server::start(&[]);
+    let size: usize = 300 * 1024 * 1024;
+    let limit_kib = 150 * 1024;
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get(&format!("/big-list?bytes={size}")).encode()).unwrap();
+    let head = conn.read_head();
+    assert!(head.starts_with(b"HTTP/1.1 200 OK\r\n"), "{:?}", String::from_utf8_lossy(&head));
+    let head_len = find(&head, b"\r\n\r\n").unwrap() + 4;
+    // The server holds the whole body while sending it.
+    let peak = vm_rss_kib(server.pid());
+    assert!(peak > limit_kib, "VmRSS {peak} KiB while sending a {size}-byte body");
+    let mut got = head.len() - head_len;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) => panic!("reading the body failed after {got} bytes: {err}"),
+        }
+    }
+    assert_eq!(got, size);
+    drop(conn);
+    // No other request: the buffer must be freed on its own.
+    let mut rss = vm_rss_kib(server.pid());
+    for _ in 0..support::POLL_TRIES {
+        if rss < limit_kib {
+            return;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+        rss = vm_rss_kib(server.pid());
+    }
+    panic!("VmRSS still {rss} KiB after the {size}-byte response was sent; log:\n{}", server.log());
 }
 
 #[test]
@@ -960,6 +1118,46 @@ fn sigterm_finishes_the_request_in_flight() {
 }
 
 #[test]
+fn sigterm_lets_a_slow_close_finish_before_exit() {
+    let mut server = Server::start(&[]);
+    let marker = server.dir.join("close-marker");
+    let response = server.get(&format!("/slow-close?ms=500&marker={}", marker.display()));
+    assert_eq!(response.body, b"body before a slow close", "{response:?}");
+    // The response is out; the Python thread is now in close(), sleeping before it writes the marker.
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    assert!(marker.exists(), "close() was cut short by the exit; log:\n{}", server.log());
+}
+
+#[test]
+fn sigterm_runs_the_apps_atexit_handlers() {
+    let dir = temp_dir();
+    let marker = dir.join("atexit-marker");
+    let mut server = Server::builder().env("PEP3333_ATEXIT_MARKER", &marker.display().to_string()).start();
+    assert_still_serving(&server);
+    assert!(!marker.exists(), "atexit ran before the exit");
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+    assert!(marker.exists(), "the app's atexit handler did not run; log:\n{}", server.log());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn second_sigterm_stops_at_once_with_exit_code_1() {
+    let mut server = Server::start(&["--threads", "2"]);
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/sleep?ms=30000").encode()).unwrap();
+    wait_until_inside_the_app(&server);
+    server.signal("TERM");
+    // The first one is handled (the server now waits for the 30 s request) before the second is sent.
+    server.wait_log("SIGTERM received");
+    server.signal("TERM");
+    let status = server.wait_exit(500);
+    assert_eq!(status.code(), Some(1), "log:\n{}", server.log());
+    drop(conn);
+}
+
+#[test]
 fn access_log_has_one_line_per_request_unless_disabled() {
     let server = Server::start(&[]);
     server.get("/peak?x=1");
@@ -976,4 +1174,48 @@ fn report_of(server: &Server, request: &RequestBuilder) -> Report {
     let response = server.send(request);
     assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
     Report::parse(&response.body)
+}
+
+/// Reads one response whose head declares `Content-Length`, without waiting for the connection to close.
+fn read_response_with_length(conn: &mut support::Conn) -> Response {
+    let mut raw = conn.read_head();
+    let head_len = find(&raw, b"\r\n\r\n").unwrap() + 4;
+    let head = Response::parse(raw[..head_len].to_vec()).expect("an HTTP head");
+    let length: usize = head.header("Content-Length").expect("Content-Length").parse().unwrap();
+    let mut buf = [0u8; 4096];
+    while raw.len() < head_len + length {
+        let n = conn.read(&mut buf).expect("read the response body");
+        assert!(n > 0, "EOF inside the body: {:?}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    Response::parse(raw).expect("an HTTP response")
+}
+
+/// Polls the log until `needle` occurs at least `count` times.
+fn wait_log_count(server: &Server, needle: &str, count: usize) {
+    for _ in 0..support::POLL_TRIES {
+        if server.log().matches(needle).count() >= count {
+            return;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+    }
+    panic!("the log never had {count} x {needle:?}; log:\n{}", server.log());
+}
+
+/// Polls /peak until one request is inside the app (the server needs a second thread to answer).
+fn wait_until_inside_the_app(server: &Server) {
+    for _ in 0..support::POLL_TRIES {
+        if server.report("/peak").get("active") == "1" {
+            return;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+    }
+    panic!("the request never got inside the app; log:\n{}", server.log());
+}
+
+/// The resident set size of process `pid`, from /proc.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("a VmRSS line");
+    line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("VmRSS in kB")
 }

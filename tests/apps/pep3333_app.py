@@ -7,6 +7,8 @@ Behaviours that end without a readable response (an aborted stream, a client tha
 what they saw in RESULTS under the query's `key`; the test then reads it back from /last-result?key=K.
 """
 
+import atexit
+import os
 import sys
 import tempfile
 import threading
@@ -17,8 +19,20 @@ RESULTS = {}
 LOCK = threading.Lock()
 CONCURRENCY = {"active": 0, "peak": 0}
 PREVIOUS = {"environ": None}
+# Objects a route keeps alive after its request, as some apps do by accident (a global cache, a closure).
+KEPT = []
 
 TEXT = [("Content-Type", "text/plain")]
+
+
+def _write_atexit_marker(path):
+    with open(path, "w") as handle:
+        handle.write("atexit ran\n")
+
+
+# Set by a test to see that the server runs the app's atexit handlers at shutdown.
+if os.environ.get("PEP3333_ATEXIT_MARKER"):
+    atexit.register(_write_atexit_marker, os.environ["PEP3333_ATEXIT_MARKER"])
 
 
 def report(start_response, values, status="200 OK"):
@@ -114,6 +128,16 @@ def read_past(environ, start_response, query):
 
 def ignore_body(environ, start_response, query):
     return report(start_response, {"content_length": environ.get("CONTENT_LENGTH")})
+
+
+def ignore_body_keep_environ(environ, start_response, query):
+    KEPT.append(environ)  # wsgi.input stays alive, unread, after the response
+    return report(start_response, {"content_length": environ.get("CONTENT_LENGTH")})
+
+
+def read_content_length(environ, start_response, query):
+    body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
+    return report(start_response, {"length": len(body)})
 
 
 # --- start_response and the response ---------------------------------------------------------------
@@ -212,6 +236,19 @@ def raise_after_body(environ, start_response, query):
     return body()
 
 
+def big_stream_then_raise(environ, start_response, query):
+    chunk = b"y" * int(query.get("size", str(128 * 1024)))
+    count = int(query.get("n", "60"))
+
+    def body():
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        for _ in range(count):
+            yield chunk
+        raise ValueError("big-stream-failure")
+
+    return body()
+
+
 def str_chunk(environ, start_response, query):
     start_response("200 OK", list(TEXT))
     return ["text, not bytes"]
@@ -273,6 +310,17 @@ def content_length_over(environ, start_response, query):
 def content_length_short_list(environ, start_response, query):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
     return [b"abc"]
+
+
+def content_length_short_kept(environ, start_response, query):
+    KEPT.append(start_response)  # the Sink stays alive after the request
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+    return [b"hello"]
+
+
+def big_list(environ, start_response, query):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return [b"z" * int(query["bytes"])]
 
 
 class Tracked:
@@ -338,6 +386,41 @@ def head(environ, start_response, query):
     return [b"list body"]
 
 
+def head_like_flask(environ, start_response, query):
+    """Answers HEAD with an empty iterable and no Content-Length, as Werkzeug does for a streamed body."""
+    start_response("200 OK", list(TEXT))
+    if environ["REQUEST_METHOD"] == "HEAD":
+        return [] if query.get("kind") == "list" else nothing()
+    return (piece for piece in [b"streamed ", b"body"])
+
+
+def nothing():
+    """A generator that yields no chunk."""
+    return
+    yield  # noqa: unreachable - makes this a generator
+
+
+class SlowClose:
+    """A body whose close() takes a while and then writes a marker file, like a framework teardown hook."""
+
+    def __init__(self, marker, seconds):
+        self.marker = marker
+        self.seconds = seconds
+
+    def __iter__(self):
+        yield b"body before a slow close"
+
+    def close(self):
+        time.sleep(self.seconds)
+        with open(self.marker, "w") as handle:
+            handle.write("close finished\n")
+
+
+def slow_close(environ, start_response, query):
+    start_response("200 OK", list(TEXT))
+    return SlowClose(query["marker"], int(query.get("ms", "500")) / 1000)
+
+
 def no_content(environ, start_response, query):
     key = query.get("key", "no_content")
     start_response(query.get("status", "204 No Content"), [("X-Kind", query.get("kind", "list"))])
@@ -390,6 +473,8 @@ ROUTES = {
     "/readline": readline,
     "/read-past": read_past,
     "/ignore-body": ignore_body,
+    "/ignore-body-keep-environ": ignore_body_keep_environ,
+    "/read-content-length": read_content_length,
     "/lazy-start": lazy_start,
     "/write": write_only,
     "/write-then-iter": write_then_iter,
@@ -399,14 +484,19 @@ ROUTES = {
     "/raise-before": raise_before,
     "/raise-in-iter-before-body": raise_in_iter_before_body,
     "/raise-after-body": raise_after_body,
+    "/big-stream-then-raise": big_stream_then_raise,
     "/str-chunk": str_chunk,
     "/bad-status": bad_status,
     "/bad-header": bad_header,
     "/content-length-over": content_length_over,
     "/content-length-short-list": content_length_short_list,
+    "/content-length-short-kept": content_length_short_kept,
+    "/big-list": big_list,
     "/close-tracking": close_tracking,
     "/file-wrapper": file_wrapper,
     "/head": head,
+    "/head-like-flask": head_like_flask,
+    "/slow-close": slow_close,
     "/no-content": no_content,
     "/sleep": sleep,
     "/peak": peak,

@@ -92,6 +92,7 @@ pub enum Addr {
 pub struct Builder {
     app: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     tcp: bool,
 }
 
@@ -108,6 +109,12 @@ impl Builder {
 
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|&a| a.to_owned()));
+        self
+    }
+
+    /// An environment variable for the server process (and so for the app).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -136,6 +143,7 @@ impl Builder {
             .arg("--wsgi-file")
             .arg(&self.app)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -156,7 +164,7 @@ pub struct Server {
 
 impl Server {
     pub fn builder() -> Builder {
-        Builder { app: pep3333_app(), args: Vec::new(), tcp: false }
+        Builder { app: pep3333_app(), args: Vec::new(), envs: Vec::new(), tcp: false }
     }
 
     /// The test app on a Unix socket, with extra options.
@@ -191,6 +199,19 @@ impl Server {
             Addr::Unix(path) => Conn::Unix(UnixStream::connect(path).expect("connect to the Unix socket")),
             Addr::Tcp(addr) => Conn::Tcp(TcpStream::connect(addr).expect("connect to the TCP socket")),
         };
+        conn.set_timeouts(IO_TIMEOUT);
+        conn
+    }
+
+    /// A TCP connection whose receive buffer is set to `rcvbuf` bytes before connecting (so the window the
+    /// server sees is small from the start), for a client that reads slowly.
+    pub fn connect_tcp_small_rcvbuf(&self, rcvbuf: usize) -> Conn {
+        let Addr::Tcp(addr) = &self.addr else { panic!("connect_tcp_small_rcvbuf needs a TCP server") };
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(&(*addr).into()).expect("connect to the TCP socket");
+        let conn = Conn::Tcp(socket.into());
         conn.set_timeouts(IO_TIMEOUT);
         conn
     }
@@ -254,6 +275,32 @@ impl Server {
             thread::sleep(POLL_INTERVAL);
         }
         panic!("the log never contained {needle:?}; log:\n{}", self.log());
+    }
+
+    /// Sends `signal` (a `kill` name: "TERM", "INT", ...) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {} failed", self.pid());
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().expect("child present until drop").try_wait().expect("try_wait")
+    }
+
+    /// Waits (bounded, `tries` polls) for the process to exit on its own; SIGKILL and panic if it does not.
+    pub fn wait_exit(&mut self, tries: usize) -> ExitStatus {
+        for _ in 0..tries {
+            if let Some(status) = self.try_exit() {
+                self.child = None;
+                return status;
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        let mut child = self.child.take().expect("child present until drop");
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("oxwsgi was expected to exit but kept running; log:\n{}", self.log());
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit; SIGKILL if it does not come.
