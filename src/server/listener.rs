@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -99,15 +100,17 @@ impl Listener {
         }
     }
 
-    pub async fn accept(&self) -> io::Result<Connection> {
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Connection>> {
         match self {
-            Listener::Tcp(listener) => {
-                let (stream, _) = listener.accept().await?;
+            Listener::Tcp(listener) => listener.poll_accept(cx).map(|accepted| {
+                let (stream, _) = accepted?;
                 // Responses are written whole or in app-sized chunks; Nagle would only add latency.
                 stream.set_nodelay(true)?;
                 Ok(Connection::Tcp(stream))
+            }),
+            Listener::Unix { listener, .. } => {
+                listener.poll_accept(cx).map_ok(|(stream, _)| Connection::Unix(stream))
             }
-            Listener::Unix { listener, .. } => Ok(Connection::Unix(listener.accept().await?.0)),
         }
     }
 

@@ -8,7 +8,9 @@ mod listener;
 
 use std::future::Future;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -23,6 +25,8 @@ pub use listener::{bind, BoundSocket, Connection, Listener};
 
 /// How long a graceful stop waits for in-flight requests (gunicorn's default graceful timeout).
 pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+/// First pause after `accept()` fails.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -36,31 +40,23 @@ pub async fn run(
 ) -> io::Result<()> {
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
-    // One permit per Python thread: connections beyond that wait in the kernel backlog.
-    let permits = Arc::new(Semaphore::new(handler.capacity()));
-    let mut accept_loops = Vec::new();
+    let mut listeners = Vec::new();
     let mut names = Vec::new();
     for socket in sockets {
         names.push(socket.spec.to_string());
         let (listener, info) = Listener::register(socket)?;
-        let context = Arc::new(Context { config, handler: Arc::clone(&handler), listener: info });
-        accept_loops.push(tokio::spawn(accept_loop(
-            listener,
-            context,
-            Arc::clone(&permits),
-            stop.clone(),
-            connections.clone(),
-        )));
+        listeners
+            .push((listener, Arc::new(Context { config, handler: Arc::clone(&handler), listener: info })));
     }
+    let accepting =
+        tokio::spawn(accept_loop(listeners, handler.capacity(), stop.clone(), connections.clone()));
     info!("ready: listening on {}", names.join(", "));
     shutdown.await;
     info!("shutting down: no new connections; finishing in-flight requests");
     stop.cancel();
-    for accept_loop in accept_loops {
-        if let Ok(Some(path)) = accept_loop.await {
-            if let Err(err) = std::fs::remove_file(&path) {
-                warn!("cannot remove socket file {}: {err}", path.display());
-            }
+    for path in accepting.await.unwrap_or_default() {
+        if let Err(err) = std::fs::remove_file(&path) {
+            warn!("cannot remove socket file {}: {err}", path.display());
         }
     }
     connections.close();
@@ -70,30 +66,48 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepts while a Python thread is free; returns the socket file to remove, if any.
+/// Accepts from every listener while a Python thread is free; returns the socket files to remove.
+///
+/// One loop for all listeners, because the permit is taken before accepting: a loop per listener would let
+/// one socket hold the last permit while connections on the others wait. Listeners are polled in turn,
+/// starting after the last one that produced a connection, so none is starved.
 async fn accept_loop(
-    listener: Listener,
-    context: Arc<Context>,
-    permits: Arc<Semaphore>,
+    listeners: Vec<(Listener, Arc<Context>)>,
+    capacity: usize,
     stop: CancellationToken,
     connections: TaskTracker,
-) -> Option<std::path::PathBuf> {
-    let mut backoff = Duration::from_millis(5);
+) -> Vec<PathBuf> {
+    // One permit per Python thread: connections beyond that wait in the kernel backlog, where another
+    // worker process can take them.
+    let permits = Arc::new(Semaphore::new(capacity));
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    let mut next = 0;
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
             () = stop.cancelled() => break,
         };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+        let accept_any = std::future::poll_fn(|cx| {
+            for turn in 0..listeners.len() {
+                let index = (next + turn) % listeners.len();
+                if let Poll::Ready(accepted) = listeners[index].0.poll_accept(cx) {
+                    return Poll::Ready((index, accepted));
+                }
+            }
+            Poll::Pending
+        });
+        let (index, accepted) = tokio::select! {
+            accepted = accept_any => accepted,
             () = stop.cancelled() => break,
         };
+        next = (index + 1) % listeners.len();
+        let context = Arc::clone(&listeners[index].1);
         match accepted {
             Ok(Connection::Tcp(stream)) => {
-                connections.spawn(serve(stream, Arc::clone(&context), permit));
+                connections.spawn(serve(stream, context, permit));
             }
             Ok(Connection::Unix(stream)) => {
-                connections.spawn(serve(stream, Arc::clone(&context), permit));
+                connections.spawn(serve(stream, context, permit));
             }
             Err(err) => {
                 error!("accept failed: {err}; retrying in {backoff:?}");
@@ -102,7 +116,7 @@ async fn accept_loop(
                 continue;
             }
         }
-        backoff = Duration::from_millis(5);
+        backoff = MIN_ACCEPT_BACKOFF;
     }
-    listener.socket_file().map(std::path::Path::to_path_buf)
+    listeners.iter().filter_map(|(listener, _)| listener.socket_file().map(Path::to_path_buf)).collect()
 }

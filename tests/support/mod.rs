@@ -91,6 +91,8 @@ pub enum Addr {
 /// How to start a server.
 pub struct Builder {
     app: PathBuf,
+    /// Load the app with `--module NAME` instead of `--wsgi-file app`.
+    module: Option<String>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
     tcp: bool,
@@ -99,6 +101,11 @@ pub struct Builder {
 impl Builder {
     pub fn app(mut self, app: PathBuf) -> Self {
         self.app = app;
+        self
+    }
+
+    pub fn module(mut self, module: &str) -> Self {
+        self.module = Some(module.to_owned());
         self
     }
 
@@ -137,11 +144,14 @@ impl Builder {
             Addr::Tcp(addr) => addr.to_string(),
         };
         let log = File::create(&log_path).expect("create the log file");
+        let app_args: [&std::ffi::OsStr; 2] = match &self.module {
+            Some(module) => ["--module".as_ref(), module.as_ref()],
+            None => ["--wsgi-file".as_ref(), self.app.as_os_str()],
+        };
         let child = oxwsgi_command()
             .arg("--socket")
             .arg(&socket_arg)
-            .arg("--wsgi-file")
-            .arg(&self.app)
+            .args(app_args)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -164,7 +174,7 @@ pub struct Server {
 
 impl Server {
     pub fn builder() -> Builder {
-        Builder { app: pep3333_app(), args: Vec::new(), envs: Vec::new(), tcp: false }
+        Builder { app: pep3333_app(), module: None, args: Vec::new(), envs: Vec::new(), tcp: false }
     }
 
     /// The test app on a Unix socket, with extra options.
