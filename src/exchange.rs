@@ -70,9 +70,9 @@ pub enum StreamItem {
 
 /// Something that runs requests: the Python thread pool in production.
 pub trait Handler: Send + Sync + 'static {
-    /// Queues `request`. `permit` is held until the app is done with it, so the accept loop never takes
-    /// more connections than there are threads to run them (the rest wait in the kernel backlog, where
-    /// another worker process can pick them up).
+    /// Queues `request`. `permit` is held until the app is done with it, so the accept loop takes only as
+    /// many connections as the threads will soon run (the rest wait in the kernel backlog, where another
+    /// worker process can pick them up).
     fn submit(
         &self,
         request: Request,
