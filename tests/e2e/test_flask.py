@@ -210,6 +210,21 @@ def test_streamed_generator_response(flask):
         assert line.startswith(f"chunk {i:06d} ".encode())
 
 
+@pytest.mark.parametrize("path", ["/bytes/8388608", "/stream/300?size=1000"])
+def test_head_sends_the_head_only_and_logs_nothing(flask, path):
+    # nginx closes the upstream connection right after the head of a HEAD response; oxwsgi must send no
+    # body (the app still produces one) and treat the early close as normal: no error or "client gone"
+    # line in its log.
+    before = len(flask.stack.oxwsgi_log())
+    response = requests.head(flask.url(path), timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["Content-Type"]
+    added = flask.stack.oxwsgi_log()[before:]
+    assert f"HEAD {path} => 200 (0 bytes)" in added, added
+    assert "client gone" not in added and "ERROR" not in added and "WARN" not in added, added
+
+
 def test_cookies_round_trip(flask):
     session = requests.Session()
     response = session.get(
