@@ -20,6 +20,8 @@ pub const DEFAULT_BUFFER_SIZE: u32 = 65535;
 pub const DEFAULT_SOCKET_TIMEOUT_SECS: u64 = 4;
 /// gunicorn's default backlog; uWSGI's 100 fills up under bursts (unbit/uwsgi#1804).
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+/// gunicorn's default: long enough for ordinary requests to finish, short enough for a deploy.
+pub const DEFAULT_GRACEFUL_TIMEOUT_SECS: u64 = 30;
 /// uWSGI's mode for a bare `--chmod-socket`.
 const DEFAULT_CHMOD_SOCKET: &str = "666";
 
@@ -64,9 +66,29 @@ pub struct Cli {
     #[arg(long, short = 'H', visible_aliases = ["home", "venv"], value_name = "DIR", env = "OXWSGI_VIRTUALENV")]
     pub virtualenv: Option<PathBuf>,
 
-    /// Python threads serving requests in this process.
+    /// Python threads serving requests in each worker process.
     #[arg(long, value_name = "N", default_value = "1", env = "OXWSGI_THREADS")]
     pub threads: NonZeroUsize,
+
+    /// Worker processes. With more than one (or with --master), a master process binds the sockets once,
+    /// starts the workers and replaces any that dies.
+    #[arg(
+        long,
+        short = 'p',
+        visible_alias = "workers",
+        value_name = "N",
+        default_value = "1",
+        env = "OXWSGI_PROCESSES"
+    )]
+    pub processes: NonZeroUsize,
+
+    /// Run a master process even with one worker (it respawns the worker if it dies).
+    #[arg(long, short = 'M')]
+    pub master: bool,
+
+    /// Seconds a graceful stop (SIGTERM, SIGINT) waits for in-flight requests before giving up on them.
+    #[arg(long = "graceful-timeout", value_name = "SECS", default_value_t = DEFAULT_GRACEFUL_TIMEOUT_SECS)]
+    pub graceful_timeout: u64,
 
     /// chmod Unix sockets after binding: an octal MODE such as 660 (a bare flag means 666).
     #[arg(long = "chmod-socket", value_name = "MODE", num_args = 0..=1, default_missing_value = DEFAULT_CHMOD_SOCKET)]
@@ -100,6 +122,14 @@ pub struct Config {
     pub app: AppSpec,
     pub pool: PoolConfig,
     pub server: ServerConfig,
+    pub processes: ProcessConfig,
+}
+
+/// How many processes, and whether a master supervises them.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessConfig {
+    pub workers: NonZeroUsize,
+    pub master: bool,
 }
 
 /// Where to listen.
@@ -146,6 +176,8 @@ impl fmt::Display for AppSpec {
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub threads: NonZeroUsize,
+    /// Other processes serve the same app (`wsgi.multiprocess`).
+    pub multiprocess: bool,
 }
 
 /// What the connection handling needs.
@@ -159,6 +191,9 @@ pub struct ServerConfig {
     /// Mode for Unix sockets after bind.
     pub chmod_socket: Option<u32>,
     pub access_log: bool,
+    pub graceful_timeout: Duration,
+    /// Remove Unix socket files at exit. Only the process that bound them does.
+    pub vacuum: bool,
 }
 
 /// A config value that cannot be used; `Display` is the one line printed before exiting.
@@ -217,7 +252,11 @@ impl TryFrom<Cli> for Config {
                 pythonpath: cli.pythonpath,
                 virtualenv: cli.virtualenv,
             },
-            pool: PoolConfig { threads: cli.threads },
+            pool: PoolConfig { threads: cli.threads, multiprocess: cli.processes.get() > 1 },
+            processes: ProcessConfig {
+                workers: cli.processes,
+                master: cli.master || cli.processes.get() > 1,
+            },
             server: ServerConfig {
                 limits: Limits { max_datasize, ..Limits::default() },
                 limit_post: (cli.limit_post > 0).then_some(cli.limit_post),
@@ -225,6 +264,8 @@ impl TryFrom<Cli> for Config {
                 listen_backlog: cli.listen,
                 chmod_socket,
                 access_log: !cli.disable_logging,
+                graceful_timeout: Duration::from_secs(cli.graceful_timeout),
+                vacuum: true,
             },
         })
     }
@@ -306,6 +347,22 @@ mod tests {
         assert_eq!(cfg.server.limit_post, None);
         assert_eq!(cfg.pool.threads.get(), 1);
         assert_eq!(cfg.server.chmod_socket, None);
+        assert_eq!(cfg.server.graceful_timeout, Duration::from_secs(30));
+        assert!(!cfg.processes.master && !cfg.pool.multiprocess);
+    }
+
+    #[test]
+    fn several_processes_mean_a_master() {
+        for flag in ["--processes", "--workers", "-p"] {
+            let cfg = config(&["--socket", ":1", "--module", "m", flag, "3"]).unwrap();
+            assert_eq!(cfg.processes.workers.get(), 3, "{flag}");
+            assert!(cfg.processes.master && cfg.pool.multiprocess);
+        }
+        let cfg = config(&["--socket", ":1", "--module", "m", "--master"]).unwrap();
+        assert!(cfg.processes.master && !cfg.pool.multiprocess);
+        assert!(
+            Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--processes", "0"]).is_err()
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: command-line options, validated once into typed config.
+//! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them.
 //! - [`server`]: tokio — listeners, connections, the uwsgi packet in and the HTTP response out. No pyo3.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads. The only pyo3 user.
 //! - [`exchange`]: the request and reply messages between the two.
@@ -11,6 +12,7 @@
 
 pub mod config;
 pub mod exchange;
+pub mod master;
 pub mod response;
 pub mod server;
 pub mod wsgi;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use oxwsgi::config::{Cli, Config};
-use oxwsgi::{server, wsgi};
+use oxwsgi::{master, server, wsgi};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -18,11 +18,27 @@ use tracing_subscriber::EnvFilter;
 const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let config = match Config::try_from(Cli::parse()) {
+    let mut config = match Config::try_from(Cli::parse()) {
         Ok(config) => config,
         Err(err) => return fail(err),
     };
     init_logging();
+    let inherited = master::Inherited::from_env();
+    if inherited.is_none() && config.processes.master {
+        return match master::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(err),
+        };
+    }
+    if inherited.is_some() {
+        // The master bound the sockets and removes their files.
+        config.server.vacuum = false;
+    }
+    serve(&config, inherited)
+}
+
+/// One serving process: on its own, or as a worker of a master (`inherited`).
+fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
     let app = match wsgi::load(&config.app) {
         Ok(app) => app,
         Err(err) => return fail(err),
@@ -31,20 +47,22 @@ fn main() -> ExitCode {
         Ok(pool) => Arc::new(pool),
         Err(err) => return fail(err),
     };
-    let mut sockets = Vec::with_capacity(config.sockets.len());
-    for spec in &config.sockets {
-        match server::bind(spec, &config.server) {
-            Ok(socket) => sockets.push(socket),
-            Err(err) => return fail(format!("cannot listen on {spec}: {err}")),
-        }
-    }
+    let sockets = match inherited.map_or_else(|| bind_all(config), |inherited| inherited.sockets(config)) {
+        Ok(sockets) => sockets,
+        Err(err) => return fail(err),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(format!("cannot start the I/O runtime: {err}")),
     };
     let handler = Arc::clone(&pool);
-    let served =
-        runtime.block_on(async { server::run(sockets, config.server, handler, shutdown_signal()).await });
+    let ready = || {
+        if let Some(inherited) = inherited {
+            inherited.report_ready();
+        }
+    };
+    let served = runtime
+        .block_on(async { server::run(sockets, config.server, handler, shutdown_signal(), ready).await });
     if let Err(err) = served {
         return fail(err);
     }
@@ -54,6 +72,15 @@ fn main() -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+/// Binds every `--socket`, for a process without a master.
+fn bind_all(config: &Config) -> std::io::Result<Vec<server::BoundSocket>> {
+    let bind = |spec| {
+        server::bind(spec, &config.server)
+            .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {spec}: {err}")))
+    };
+    config.sockets.iter().map(bind).collect()
 }
 
 fn fail(err: impl Display) -> ExitCode {

@@ -5,6 +5,7 @@
 //! bind once and hand the same sockets to its workers.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +22,25 @@ use crate::exchange::ListenerInfo;
 pub struct BoundSocket {
     pub spec: SocketSpec,
     socket: Socket,
+}
+
+impl BoundSocket {
+    /// A listening socket handed down by the process that bound it (the master), at file descriptor `fd`.
+    ///
+    /// # Safety
+    /// `fd` must be an open listening socket of the kind `spec` names, owned by no one else in this process.
+    pub unsafe fn inherited(fd: RawFd, spec: SocketSpec) -> io::Result<Self> {
+        // SAFETY: the caller guarantees `fd` is an open socket that nothing else owns.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        Ok(Self { spec, socket })
+    }
+
+    /// The descriptor to hand to a worker process.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
 }
 
 /// Binds `spec`. A Unix socket file left by a dead server is replaced; one that still accepts connections is

@@ -23,8 +23,6 @@ use crate::exchange::Handler;
 use connection::{serve, Context};
 pub use listener::{bind, BoundSocket, Connection, Listener};
 
-/// How long a graceful stop waits for in-flight requests (gunicorn's default graceful timeout).
-pub const GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections taken per Python thread: the one it runs and the next, already read, so a thread finishing a
 /// request finds its next job queued instead of sleeping while the I/O side accepts and reads (measured on a
 /// hello-world app behind nginx: about 14k requests/s with one per thread, 22k with two).
@@ -35,12 +33,14 @@ const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Serves `sockets` until `shutdown` resolves, then stops accepting, waits for in-flight requests (up to
-/// [`GRACEFUL_TIMEOUT`]) and removes Unix socket files.
+/// the graceful timeout) and, with `vacuum`, removes Unix socket files. `ready` is called once every socket
+/// accepts.
 pub async fn run(
     sockets: Vec<BoundSocket>,
     config: ServerConfig,
     handler: Arc<dyn Handler>,
     shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(),
 ) -> io::Result<()> {
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -55,19 +55,30 @@ pub async fn run(
     let accepting =
         tokio::spawn(accept_loop(listeners, handler.capacity(), stop.clone(), connections.clone()));
     info!("ready: listening on {}", names.join(", "));
+    ready();
     shutdown.await;
     info!("shutting down: no new connections; finishing in-flight requests");
     stop.cancel();
-    for path in accepting.await.unwrap_or_default() {
-        if let Err(err) = std::fs::remove_file(&path) {
+    let socket_files = accepting.await.unwrap_or_default();
+    if config.vacuum {
+        remove_socket_files(&socket_files);
+    }
+    connections.close();
+    let grace = config.graceful_timeout;
+    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        warn!("{} requests still running after {grace:?}; stopping anyway", connections.len());
+    }
+    Ok(())
+}
+
+/// Removes Unix socket files at exit (uWSGI's `--vacuum`), so nginx gets "no such file" rather than
+/// "connection refused" and a restart finds a clean path.
+pub fn remove_socket_files(paths: &[PathBuf]) {
+    for path in paths {
+        if let Err(err) = std::fs::remove_file(path) {
             warn!("cannot remove socket file {}: {err}", path.display());
         }
     }
-    connections.close();
-    if tokio::time::timeout(GRACEFUL_TIMEOUT, connections.wait()).await.is_err() {
-        warn!("{} requests still running after {GRACEFUL_TIMEOUT:?}; stopping anyway", connections.len());
-    }
-    Ok(())
 }
 
 /// Accepts from every listener while a Python thread is free; returns the socket files to remove.

@@ -82,13 +82,13 @@ pub(super) struct EnvironTemplate {
 }
 
 impl EnvironTemplate {
-    pub(super) fn new(py: Python<'_>, multithread: bool) -> PyResult<Self> {
+    pub(super) fn new(py: Python<'_>, multithread: bool, multiprocess: bool) -> PyResult<Self> {
         let keys = COMMON_KEYS.iter().map(|k| (k.as_bytes(), PyString::intern(py, k).unbind())).collect();
         let constants = PyDict::new(py);
         constants.set_item("wsgi.version", (1, 0))?;
         constants.set_item("wsgi.errors", Py::new(py, ErrorStream::new())?)?;
         constants.set_item("wsgi.multithread", multithread)?;
-        constants.set_item("wsgi.multiprocess", false)?;
+        constants.set_item("wsgi.multiprocess", multiprocess)?;
         constants.set_item("wsgi.run_once", false)?;
         constants.set_item("wsgi.file_wrapper", PyType::new::<FileWrapper>(py))?;
         constants.set_item("oxwsgi.version", env!("CARGO_PKG_VERSION"))?;

@@ -73,7 +73,7 @@ impl Pool {
                 let (app, queue, receiver) = (Arc::clone(&app), Arc::clone(&queue), receiver.clone());
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_jobs(py, &app, &queue, &receiver, threads > 1)))
+                    .spawn(move || Python::attach(|py| serve_jobs(py, &app, &queue, &receiver, config)))
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
@@ -119,10 +119,10 @@ fn serve_jobs(
     app: &Py<PyAny>,
     queue: &Arc<Queue>,
     receiver: &crossbeam_channel::Receiver<Task>,
-    multithread: bool,
+    config: PoolConfig,
 ) {
     // Per thread, so `wsgi.errors` lines from different threads never interleave.
-    let environ = match EnvironTemplate::new(py, multithread) {
+    let environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
         Ok(environ) => environ,
         Err(err) => {
             error!("cannot prepare the WSGI environ template; this thread stops:\n{}", traceback(py, &err));

@@ -1,0 +1,19 @@
+"""For tests/master.rs: answers with the pid of the worker process that served the request, after an
+optional sleep (`/sleep?ms=N&started=FILE`, creating FILE once inside the app), so tests can tell workers apart and keep a request in flight."""
+
+import os
+import time
+from urllib.parse import parse_qs
+
+
+def application(environ, start_response):
+    query = parse_qs(environ["QUERY_STRING"])
+    if environ["PATH_INFO"] == "/sleep":
+        if "started" in query:
+            # Tells the test the request is inside the app.
+            open(query["started"][0], "w").close()
+        time.sleep(int(query.get("ms", ["1000"])[0]) / 1000)
+    body = f"pid={os.getpid()} worker={os.environ.get('OXWSGI_WORKER_ID')} "
+    body += f"multiprocess={environ['wsgi.multiprocess']}"
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [body.encode()]

@@ -1,0 +1,134 @@
+//! The master and its worker processes, on the real binary: several workers share the sockets, a killed
+//! worker is replaced, SIGTERM lets in-flight requests finish, and an app that cannot load stops the
+//! master instead of being restarted for ever.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::thread;
+
+use support::{app_path, run_to_exit, temp_dir, Server, POLL_INTERVAL, POLL_TRIES};
+
+/// Requests sent while looking for an eventual condition (a second worker, a replacement).
+const SEARCH_REQUESTS: usize = 400;
+
+fn start(args: &[&str]) -> Server {
+    Server::builder().app(app_path("workers_app.py")).args(args).start()
+}
+
+/// The pid in the app's answer to `path`.
+fn served_by(server: &Server, path: &str) -> u32 {
+    let response = server.get(path);
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
+    let text = response.body_text();
+    let pid = text.split_whitespace().find_map(|field| field.strip_prefix("pid=")).expect("a pid field");
+    pid.parse().expect("a numeric pid")
+}
+
+fn is_running(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+}
+
+#[test]
+fn several_workers_share_the_sockets() {
+    let server = start(&["--processes", "2"]);
+    let response = server.get("/");
+    assert!(response.body_text().ends_with("multiprocess=True"), "{response:?}");
+    let mut pids = BTreeSet::new();
+    for _ in 0..SEARCH_REQUESTS {
+        pids.insert(served_by(&server, "/"));
+        if pids.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2, "only {pids:?} answered {SEARCH_REQUESTS} requests; log:\n{}", server.log());
+    assert!(!pids.contains(&server.pid()), "the master must not serve requests itself");
+}
+
+#[test]
+fn a_killed_worker_is_replaced() {
+    let server = start(&["--master"]);
+    let first = served_by(&server, "/");
+    kill(first, "KILL");
+    let mut replacement = None;
+    for _ in 0..POLL_TRIES {
+        // Requests may fail while no worker runs; what matters is that a new one answers.
+        if let Ok(pid) = std::panic::catch_unwind(|| served_by(&server, "/")) {
+            if pid != first {
+                replacement = Some(pid);
+                break;
+            }
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    let replacement = replacement.unwrap_or_else(|| panic!("no replacement worker; log:\n{}", server.log()));
+    assert!(is_running(replacement));
+    let log = server.wait_log("was killed by signal 9");
+    assert!(log.contains(&format!("worker 1 (pid {first}) was killed by signal 9")), "{log}");
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_and_stops_every_worker() {
+    let mut server = start(&["--processes", "2"]);
+    let support::Addr::Unix(socket_file) = server.addr.clone() else { unreachable!("Unix by default") };
+    let mut workers = BTreeSet::new();
+    for _ in 0..SEARCH_REQUESTS {
+        workers.insert(served_by(&server, "/"));
+        if workers.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(workers.len(), 2, "only {workers:?} answered; log:\n{}", server.log());
+    let started = temp_dir().join("started");
+    let request = support::RequestBuilder::get(&format!("/sleep?ms=1500&started={}", started.display()));
+    let mut in_flight = server.connect();
+    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
+    for _ in 0..POLL_TRIES {
+        if started.exists() {
+            break;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    assert!(
+        started.exists(),
+        "the request never reached the app; log:
+{}",
+        server.log()
+    );
+    let status = server.terminate();
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    let answer =
+        in_flight.read_to_end_result().unwrap_or_else(|(err, _)| panic!("in-flight request lost: {err}"));
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&answer));
+    assert!(!socket_file.exists(), "the socket file must be removed at exit");
+    for pid in workers {
+        assert!(!is_running(pid), "worker {pid} still running after the master exited");
+    }
+}
+
+#[test]
+fn an_app_that_cannot_load_stops_the_master() {
+    let socket = temp_dir().join("s.sock");
+    let app = app_path("raw_import_error.py");
+    let output = run_to_exit(&[
+        "--socket",
+        socket.to_str().unwrap(),
+        "--wsgi-file",
+        app.to_str().unwrap(),
+        "--processes",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Traceback (most recent call last)"), "{stderr}");
+    assert!(stderr.contains("could not start"), "{stderr}");
+    assert!(stderr.lines().last().is_some_and(|l| l.starts_with("oxwsgi: error: worker")), "{stderr}");
+    assert!(stderr.matches(" started (pid ").count() <= 2, "workers were restarted:\n{stderr}");
+    assert!(!socket.exists());
+}
