@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -86,6 +86,22 @@ pub struct Cli {
     #[arg(long, short = 'M')]
     pub master: bool,
 
+    /// Replace a worker after it accepted N requests (implies --master). Guards against slow leaks.
+    #[arg(long = "max-requests", value_name = "N", default_value_t = 0)]
+    pub max_requests: u64,
+
+    /// Add 0..=N (different per worker) to --max-requests, so workers do not all recycle at once.
+    #[arg(long = "max-requests-jitter", alias = "max-requests-delta", value_name = "N", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker whose resident memory exceeds MB megabytes (implies --master).
+    #[arg(long = "reload-on-rss", value_name = "MB", default_value_t = 0)]
+    pub reload_on_rss: u64,
+
+    /// Replace a worker after it has run SECS seconds (implies --master).
+    #[arg(long = "max-worker-lifetime", value_name = "SECS", default_value_t = 0)]
+    pub max_worker_lifetime: u64,
+
     /// Seconds a graceful stop (SIGTERM, SIGINT) waits for in-flight requests before giving up on them.
     #[arg(long = "graceful-timeout", value_name = "SECS", default_value_t = DEFAULT_GRACEFUL_TIMEOUT_SECS)]
     pub graceful_timeout: u64,
@@ -125,11 +141,28 @@ pub struct Config {
     pub processes: ProcessConfig,
 }
 
-/// How many processes, and whether a master supervises them.
+/// How many processes, whether a master supervises them, and when it replaces them.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessConfig {
     pub workers: NonZeroUsize,
     pub master: bool,
+    pub recycle: RecycleConfig,
+}
+
+/// When a worker is retired and replaced (each `None` is off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecycleConfig {
+    pub max_requests: Option<NonZeroU64>,
+    pub max_requests_jitter: u64,
+    /// Resident memory limit, in bytes.
+    pub reload_on_rss: Option<u64>,
+    pub max_worker_lifetime: Option<Duration>,
+}
+
+impl RecycleConfig {
+    fn any(&self) -> bool {
+        *self != Self { max_requests_jitter: self.max_requests_jitter, ..Self::default() }
+    }
 }
 
 /// Where to listen.
@@ -194,6 +227,8 @@ pub struct ServerConfig {
     pub graceful_timeout: Duration,
     /// Remove Unix socket files at exit. Only the process that bound them does.
     pub vacuum: bool,
+    /// After accepting this many connections the process asks to be replaced (a worker, with jitter applied).
+    pub max_requests: Option<u64>,
 }
 
 /// A config value that cannot be used; `Display` is the one line printed before exiting.
@@ -229,6 +264,13 @@ impl TryFrom<Cli> for Config {
             return Err(ConfigError(format!("--listen {} is not a usable backlog", cli.listen)));
         }
         let chmod_socket = cli.chmod_socket.as_deref().map(parse_mode).transpose()?;
+        let recycle = RecycleConfig {
+            max_requests: NonZeroU64::new(cli.max_requests),
+            max_requests_jitter: cli.max_requests_jitter,
+            reload_on_rss: (cli.reload_on_rss > 0).then(|| cli.reload_on_rss.saturating_mul(1024 * 1024)),
+            max_worker_lifetime: (cli.max_worker_lifetime > 0)
+                .then(|| Duration::from_secs(cli.max_worker_lifetime)),
+        };
         let (source, callable) = match (cli.module, cli.wsgi_file) {
             (Some(module), None) => {
                 let (module, callable) = match module.split_once(':') {
@@ -255,7 +297,8 @@ impl TryFrom<Cli> for Config {
             pool: PoolConfig { threads: cli.threads, multiprocess: cli.processes.get() > 1 },
             processes: ProcessConfig {
                 workers: cli.processes,
-                master: cli.master || cli.processes.get() > 1,
+                master: cli.master || cli.processes.get() > 1 || recycle.any(),
+                recycle,
             },
             server: ServerConfig {
                 limits: Limits { max_datasize, ..Limits::default() },
@@ -266,6 +309,7 @@ impl TryFrom<Cli> for Config {
                 access_log: !cli.disable_logging,
                 graceful_timeout: Duration::from_secs(cli.graceful_timeout),
                 vacuum: true,
+                max_requests: None,
             },
         })
     }
@@ -363,6 +407,18 @@ mod tests {
         assert!(
             Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--processes", "0"]).is_err()
         );
+    }
+
+    #[test]
+    fn recycling_needs_a_master() {
+        let cfg = config(&["--socket", ":1", "--module", "m", "--max-requests-jitter", "5"]).unwrap();
+        assert!(!cfg.processes.master, "jitter alone recycles nothing");
+        for option in ["--max-requests", "--reload-on-rss", "--max-worker-lifetime"] {
+            let cfg = config(&["--socket", ":1", "--module", "m", option, "50"]).unwrap();
+            assert!(cfg.processes.master, "{option}");
+        }
+        let cfg = config(&["--socket", ":1", "--module", "m", "--reload-on-rss", "2"]).unwrap();
+        assert_eq!(cfg.processes.recycle.reload_on_rss, Some(2 * 1024 * 1024));
     }
 
     #[test]

@@ -30,9 +30,10 @@ fn main() -> ExitCode {
             Err(err) => fail(err),
         };
     }
-    if inherited.is_some() {
-        // The master bound the sockets and removes their files.
+    if let Some(inherited) = &inherited {
+        // The master bound the sockets and removes their files; it also replaces this worker when asked.
         config.server.vacuum = false;
+        config.server.max_requests = inherited.max_requests(&config.processes.recycle);
     }
     serve(&config, inherited)
 }
@@ -56,13 +57,15 @@ fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
         Err(err) => return fail(format!("cannot start the I/O runtime: {err}")),
     };
     let handler = Arc::clone(&pool);
-    let ready = || {
-        if let Some(inherited) = inherited {
-            inherited.report_ready();
-        }
+    let control = inherited.map(|inherited| Arc::new(inherited.control()));
+    let ready = || control.as_ref().map_or((), |control| control.ready());
+    let retire = {
+        let control = control.clone();
+        move || control.map_or((), |control| control.max_requests_reached())
     };
-    let served = runtime
-        .block_on(async { server::run(sockets, config.server, handler, shutdown_signal(), ready).await });
+    let served = runtime.block_on(async {
+        server::run(sockets, config.server, handler, shutdown_signal(), ready, retire).await
+    });
     if let Err(err) = served {
         return fail(err);
     }

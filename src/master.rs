@@ -20,14 +20,14 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, RecycleConfig};
 use crate::server::{self, BoundSocket};
 
 /// Set in a worker's environment: its number, from 1 (apps may read it too).
 pub const WORKER_ID_ENV: &str = "OXWSGI_WORKER_ID";
 /// Set in a worker's environment: how many listening sockets it inherits, at descriptors 3, 4, ...
 const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
-/// Set in a worker's environment: the descriptor on which it reports that it accepts.
+/// Set in a worker's environment: the descriptor of its control socket to the master.
 const READY_FD_ENV: &str = "OXWSGI_READY_FD";
 /// The first descriptor a worker inherits a socket at, after stdin, stdout and stderr.
 const FIRST_INHERITED_FD: RawFd = 3;
@@ -80,13 +80,48 @@ impl Inherited {
             .collect()
     }
 
-    /// Tells the master this worker accepts on every socket.
-    pub fn report_ready(&self) {
-        // SAFETY: the master put our end of the readiness socket at this descriptor; nothing else uses it.
-        let mut channel = unsafe { UnixStream::from_raw_fd(self.ready_fd) };
-        if let Err(err) = channel.write_all(b"R") {
-            warn!("cannot tell the master this worker is ready: {err}");
+    /// The channel on which this worker reports to its master. Call once.
+    pub fn control(&self) -> Control {
+        // SAFETY: the master put our end of the control socket at this descriptor; nothing else uses it.
+        Control(std::sync::Mutex::new(unsafe { UnixStream::from_raw_fd(self.ready_fd) }))
+    }
+
+    /// `--max-requests` plus this worker's share of the jitter, so workers started together do not all
+    /// retire together.
+    pub fn max_requests(&self, recycle: &RecycleConfig) -> Option<u64> {
+        let max = recycle.max_requests?.get();
+        let spread =
+            u64::from(std::process::id()).wrapping_mul(KNUTH_MULTIPLIER) % (recycle.max_requests_jitter + 1);
+        Some(max + spread)
+    }
+}
+
+/// Spreads consecutive pids over the jitter range (Knuth's multiplicative hash).
+const KNUTH_MULTIPLIER: u64 = 2_654_435_761;
+
+/// What a worker tells its master, one byte each.
+const SAYS_READY: u8 = b'R';
+const SAYS_MAX_REQUESTS: u8 = b'M';
+
+/// A worker's side of the control socket.
+pub struct Control(std::sync::Mutex<UnixStream>);
+
+impl Control {
+    fn say(&self, message: u8, what: &str) {
+        let mut channel = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(err) = channel.write_all(&[message]) {
+            warn!("cannot tell the master {what}: {err}");
         }
+    }
+
+    /// Every socket accepts.
+    pub fn ready(&self) {
+        self.say(SAYS_READY, "this worker is ready");
+    }
+
+    /// `--max-requests` reached: the master starts a replacement, then stops this worker gracefully.
+    pub fn max_requests_reached(&self) {
+        self.say(SAYS_MAX_REQUESTS, "to replace this worker");
     }
 }
 
@@ -127,7 +162,7 @@ pub fn run(config: &Config) -> Result<(), MasterError> {
         .enable_all()
         .build()
         .map_err(|err| MasterError(format!("cannot start the master's runtime: {err}")))?;
-    let result = runtime.block_on(Supervisor::new(config, handoff).supervise());
+    let result = runtime.block_on(Supervisor::new(config, handoff, socket_files.clone()).supervise());
     if config.server.vacuum {
         server::remove_socket_files(&socket_files);
     }
@@ -138,37 +173,85 @@ pub fn run(config: &Config) -> Result<(), MasterError> {
 /// What the workers' tasks tell the supervisor.
 enum Event {
     Ready {
-        id: usize,
         pid: u32,
     },
+    Retire {
+        pid: u32,
+        reason: Retirement,
+    },
     Exited {
-        id: usize,
         pid: u32,
         status: io::Result<ExitStatus>,
-        was_ready: bool,
-        lifetime: Duration,
     },
     /// A replacement's back-off delay is over.
     Respawn {
-        id: usize,
+        slot: usize,
     },
 }
+
+/// Why a healthy worker is replaced (its replacement accepts before it stops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retirement {
+    Reload,
+    MaxRequests,
+    Rss,
+    Lifetime,
+}
+
+impl fmt::Display for Retirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Reload => "reload (SIGHUP)",
+            Self::MaxRequests => "--max-requests reached",
+            Self::Rss => "--reload-on-rss exceeded",
+            Self::Lifetime => "--max-worker-lifetime reached",
+        })
+    }
+}
+
+/// One worker process, by pid.
+struct Worker {
+    /// Which of the `--processes` places it fills (1..=N), also its `OXWSGI_WORKER_ID`.
+    slot: usize,
+    started: Instant,
+    ready: bool,
+    /// A replacement is starting (its pid): this one stops once that one is ready.
+    replaced_by: Option<u32>,
+    /// Told to stop: its exit is expected.
+    retiring: bool,
+}
+
+/// How often the master checks memory and lifetimes.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Supervisor<'a> {
     config: &'a Config,
     /// The listening sockets, at descriptors above [`HANDOFF_FD_BASE`].
     handoff: Vec<OwnedFd>,
-    /// Live workers: id to pid.
-    workers: HashMap<usize, u32>,
+    socket_files: Vec<PathBuf>,
+    workers: HashMap<u32, Worker>,
     events: mpsc::UnboundedSender<Event>,
     inbox: mpsc::UnboundedReceiver<Event>,
     backoff: Duration,
+    /// Every worker of the first generation reported ready: from then on a worker that fails to start is
+    /// retried (or, for a replacement, abandoned), not fatal.
+    started: bool,
 }
 
 impl<'a> Supervisor<'a> {
-    fn new(config: &'a Config, handoff: Vec<OwnedFd>) -> Self {
+    fn new(config: &'a Config, handoff: Vec<OwnedFd>, socket_files: Vec<PathBuf>) -> Self {
         let (events, inbox) = mpsc::unbounded_channel();
-        Self { config, handoff, workers: HashMap::new(), events, inbox, backoff: RESPAWN_BACKOFF_MIN }
+        let backoff = RESPAWN_BACKOFF_MIN;
+        Self {
+            config,
+            handoff,
+            socket_files,
+            workers: HashMap::new(),
+            events,
+            inbox,
+            backoff,
+            started: false,
+        }
     }
 
     async fn supervise(mut self) -> Result<(), MasterError> {
@@ -176,46 +259,24 @@ impl<'a> Supervisor<'a> {
         let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
         let mut quit = signal(SignalKind::quit()).map_err(signal_error)?;
-        let count = self.config.processes.workers.get();
-        for id in 1..=count {
-            self.spawn(id)?;
+        let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
+        let mut checks = tokio::time::interval(CHECK_INTERVAL);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        for slot in 1..=self.config.processes.workers.get() {
+            self.spawn(slot)?;
         }
-        let mut ready = 0;
         let stop = loop {
             tokio::select! {
-                event = self.inbox.recv() => match event.expect("the supervisor holds a sender") {
-                    Event::Ready { id, pid } => {
-                        info!("worker {id} (pid {pid}) ready");
-                        ready += 1;
-                        if ready == count {
-                            info!("master ready: {count} workers");
-                        }
-                    }
-                    Event::Exited { id, pid, status, was_ready, lifetime } => {
-                        self.workers.remove(&id);
-                        let how = describe_exit(&status);
-                        if !was_ready {
-                            error!("worker {id} (pid {pid}) could not start: it {how}");
-                            self.stop_all(libc::SIGTERM);
-                            self.wait_all(self.config.server.graceful_timeout).await;
-                            return Err(MasterError(format!(
-                                "worker {id} could not start (it {how}); the app fails to load, see the worker's error above"
-                            )));
-                        }
-                        warn!("worker {id} (pid {pid}) {how}; starting a new one");
-                        self.respawn_later(id, lifetime);
-                    }
-                    Event::Respawn { id } => {
-                        if let Err(err) = self.spawn(id) {
-                            error!("{err}");
-                        }
-                    }
-                },
+                event = self.inbox.recv() => {
+                    self.handle(event.expect("the supervisor holds a sender")).await?;
+                }
+                _ = hangup.recv() => self.reload(),
+                _ = checks.tick() => self.check_limits(),
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
                 _ = quit.recv() => {
                     info!("SIGQUIT received: stopping the workers now");
-                    self.stop_all(libc::SIGKILL);
+                    self.signal_all(libc::SIGKILL);
                     self.wait_all(KILL_AFTER_GRACE).await;
                     return Ok(());
                 }
@@ -223,35 +284,169 @@ impl<'a> Supervisor<'a> {
         };
         let grace = self.config.server.graceful_timeout;
         info!("{stop} received: workers finish their requests (up to {grace:?}), then the master exits");
-        self.stop_all(libc::SIGTERM);
+        // First the socket files, so nothing new queues while the workers drain the queues.
+        if self.config.server.vacuum {
+            server::remove_socket_files(&self.socket_files);
+        }
+        self.signal_all(libc::SIGTERM);
         tokio::select! {
             () = self.wait_all(grace + KILL_AFTER_GRACE) => {}
             () = next_signal(&mut terminate, &mut interrupt) => {
                 warn!("stop signal received again: stopping the workers now");
-                self.stop_all(libc::SIGKILL);
+                self.signal_all(libc::SIGKILL);
                 self.wait_all(KILL_AFTER_GRACE).await;
             }
         }
         Ok(())
     }
 
-    /// Starts worker `id`, with a task reporting when it is ready and when it exits.
-    fn spawn(&mut self, id: usize) -> Result<(), MasterError> {
-        let fail = |err: io::Error| MasterError(format!("cannot start worker {id}: {err}"));
+    async fn handle(&mut self, event: Event) -> Result<(), MasterError> {
+        match event {
+            Event::Ready { pid } => self.on_ready(pid),
+            Event::Retire { pid, reason } => self.retire(pid, reason),
+            Event::Exited { pid, status } => return self.on_exit(pid, &status).await,
+            Event::Respawn { slot } => {
+                if let Err(err) = self.spawn(slot) {
+                    error!("{err}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ready(&mut self, pid: u32) {
+        let Some(worker) = self.workers.get_mut(&pid) else { return };
+        worker.ready = true;
+        info!("worker {} (pid {pid}) ready", worker.slot);
+        // The replacement accepts: now the worker it replaces stops accepting and finishes its requests.
+        let replaced = self.workers.iter().find(|(_, w)| w.replaced_by == Some(pid)).map(|(&old, _)| old);
+        if let Some(old) = replaced {
+            self.stop_worker(old);
+        }
+        if !self.started
+            && self.workers.values().filter(|w| w.ready).count() == self.config.processes.workers.get()
+        {
+            self.started = true;
+            info!("master ready: {} workers", self.config.processes.workers);
+        }
+    }
+
+    /// Starts a replacement for `pid`; `pid` stops once the replacement accepts (never before, so no
+    /// request finds nobody accepting).
+    fn retire(&mut self, pid: u32, reason: Retirement) {
+        let Some(worker) = self.workers.get(&pid) else { return };
+        if worker.retiring || worker.replaced_by.is_some() || !worker.ready {
+            return;
+        }
+        let slot = worker.slot;
+        info!("replacing worker {slot} (pid {pid}): {reason}");
+        match self.spawn(slot) {
+            Ok(new) => {
+                if let Some(worker) = self.workers.get_mut(&pid) {
+                    worker.replaced_by = Some(new);
+                }
+            }
+            Err(err) => error!("{err}; worker {slot} (pid {pid}) keeps running"),
+        }
+    }
+
+    fn reload(&mut self) {
+        let current: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
+            .map(|(&pid, _)| pid)
+            .collect();
+        info!("SIGHUP received: replacing {} workers with ones that load the app anew", current.len());
+        for pid in current {
+            self.retire(pid, Retirement::Reload);
+        }
+    }
+
+    fn check_limits(&mut self) {
+        let recycle = self.config.processes.recycle;
+        if recycle.reload_on_rss.is_none() && recycle.max_worker_lifetime.is_none() {
+            return;
+        }
+        let due: Vec<(u32, Retirement)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
+            .filter_map(|(&pid, w)| {
+                if recycle.max_worker_lifetime.is_some_and(|limit| w.started.elapsed() >= limit) {
+                    return Some((pid, Retirement::Lifetime));
+                }
+                let rss =
+                    recycle.reload_on_rss.and_then(|limit| resident_bytes(pid).filter(|&rss| rss > limit));
+                rss.map(|_| (pid, Retirement::Rss))
+            })
+            .collect();
+        for (pid, reason) in due {
+            self.retire(pid, reason);
+        }
+    }
+
+    async fn on_exit(&mut self, pid: u32, status: &io::Result<ExitStatus>) -> Result<(), MasterError> {
+        let Some(worker) = self.workers.remove(&pid) else { return Ok(()) };
+        let (slot, how) = (worker.slot, describe_exit(status));
+        if worker.retiring {
+            info!("worker {slot} (pid {pid}) retired: it {how}");
+            return Ok(());
+        }
+        if !worker.ready {
+            error!("worker {slot} (pid {pid}) could not start: it {how}");
+            let replaced = self.workers.values_mut().find(|w| w.replaced_by == Some(pid));
+            if let Some(old) = replaced {
+                // A broken reload keeps the old code serving.
+                old.replaced_by = None;
+                warn!("worker {slot} keeps running the code it loaded before");
+                return Ok(());
+            }
+            if self.started {
+                self.respawn_later(slot, worker.started.elapsed());
+                return Ok(());
+            }
+            self.signal_all(libc::SIGTERM);
+            self.wait_all(self.config.server.graceful_timeout).await;
+            return Err(MasterError(format!(
+                "worker {slot} could not start (it {how}); the app fails to load, see the worker's error above"
+            )));
+        }
+        warn!("worker {slot} (pid {pid}) {how}; starting a new one");
+        if let Some(replacement) = worker.replaced_by {
+            // Its replacement is already starting: that one takes the place.
+            info!("worker {slot}'s replacement (pid {replacement}) takes its place");
+            return Ok(());
+        }
+        self.respawn_later(slot, worker.started.elapsed());
+        Ok(())
+    }
+
+    fn stop_worker(&mut self, pid: u32) {
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            worker.retiring = true;
+            worker.replaced_by = None;
+            send_signal(pid, libc::SIGTERM);
+        }
+    }
+
+    /// Starts a worker for `slot`, with a task relaying what it says and when it exits. Returns its pid.
+    fn spawn(&mut self, slot: usize) -> Result<u32, MasterError> {
+        let fail = |err: io::Error| MasterError(format!("cannot start worker {slot}: {err}"));
         let (master_end, worker_end) = UnixStream::pair().map_err(fail)?;
         let worker_end = dup_high(worker_end.as_raw_fd()).map_err(fail)?;
         let sources: Vec<RawFd> = self.handoff.iter().map(AsRawFd::as_raw_fd).collect();
-        let ready_source = worker_end.as_raw_fd();
-        let ready_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX);
+        let control_source = worker_end.as_raw_fd();
+        let control_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX);
         let executable = std::env::current_exe().map_err(fail)?;
         let mut command = std::process::Command::new(executable);
         command
             .args(std::env::args_os().skip(1))
-            .env(WORKER_ID_ENV, id.to_string())
+            .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
-            .env(READY_FD_ENV, ready_target.to_string());
-        // SAFETY: between fork and exec the closure only calls dup2 and prctl, which are async-signal-safe,
-        // and touches no memory but its own copies of the descriptor numbers.
+            .env(READY_FD_ENV, control_target.to_string());
+        // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
+        // async-signal-safe, and touches no memory but its own copies of the descriptor numbers.
         unsafe {
             command.pre_exec(move || {
                 for (target, &source) in (FIRST_INHERITED_FD..).zip(&sources) {
@@ -259,7 +454,7 @@ impl<'a> Supervisor<'a> {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                if libc::dup2(ready_source, ready_target) < 0 {
+                if libc::dup2(control_source, control_target) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 // A worker must not outlive its master (killed with SIGKILL, say): it stops gracefully.
@@ -278,29 +473,37 @@ impl<'a> Supervisor<'a> {
         let mut child = tokio::process::Command::from(command).kill_on_drop(false).spawn().map_err(fail)?;
         drop(worker_end);
         let pid = child.id().unwrap_or_default();
-        let started = Instant::now();
-        self.workers.insert(id, pid);
-        info!("worker {id} started (pid {pid})");
+        let worker =
+            Worker { slot, started: Instant::now(), ready: false, replaced_by: None, retiring: false };
+        self.workers.insert(pid, worker);
+        info!("worker {slot} started (pid {pid})");
         master_end.set_nonblocking(true).map_err(fail)?;
-        let mut readiness = tokio::net::UnixStream::from_std(master_end).map_err(fail)?;
+        let mut control = tokio::net::UnixStream::from_std(master_end).map_err(fail)?;
         let events = self.events.clone();
         tokio::spawn(async move {
-            let mut byte = [0u8; 1];
-            let was_ready = tokio::select! {
-                read = readiness.read(&mut byte) => matches!(read, Ok(1)),
-                _ = child.wait() => false,
+            let mut message = [0u8; 1];
+            let status = loop {
+                tokio::select! {
+                    read = control.read(&mut message) => match (read, message[0]) {
+                        (Ok(1), SAYS_READY) => { let _ = events.send(Event::Ready { pid }); }
+                        (Ok(1), SAYS_MAX_REQUESTS) => {
+                            let _ = events.send(Event::Retire { pid, reason: Retirement::MaxRequests });
+                        }
+                        (Ok(1), _) => {}
+                        // The worker closed its end (it is exiting): only its exit status is left to wait for.
+                        _ => break child.wait().await,
+                    },
+                    status = child.wait() => break status,
+                }
             };
-            if was_ready {
-                let _ = events.send(Event::Ready { id, pid });
-            }
-            let status = child.wait().await;
-            let _ = events.send(Event::Exited { id, pid, status, was_ready, lifetime: started.elapsed() });
+            let _ = events.send(Event::Exited { pid, status });
         });
-        Ok(())
+        Ok(pid)
     }
 
-    /// Replaces worker `id` — at once if it had been healthy, after a growing delay if it keeps dying young.
-    fn respawn_later(&mut self, id: usize, lifetime: Duration) {
+    /// Replaces the worker of `slot` — at once if it had been healthy, after a growing delay if it keeps
+    /// dying young.
+    fn respawn_later(&mut self, slot: usize, lifetime: Duration) {
         let delay = if lifetime >= HEALTHY_LIFETIME {
             self.backoff = RESPAWN_BACKOFF_MIN;
             Duration::ZERO
@@ -309,50 +512,58 @@ impl<'a> Supervisor<'a> {
             self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
             delay
         };
-        if delay.is_zero() {
-            if let Err(err) = self.spawn(id) {
-                error!("{err}");
-            }
-            return;
+        if !delay.is_zero() {
+            info!("worker {slot} died {lifetime:?} after starting; replacing it in {delay:?}");
         }
-        info!("worker {id} died {lifetime:?} after starting; replacing it in {delay:?}");
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = events.send(Event::Respawn { id });
+            let _ = events.send(Event::Respawn { slot });
         });
     }
 
-    fn stop_all(&self, signal: libc::c_int) {
-        for &pid in self.workers.values() {
-            if let Ok(pid) = libc::pid_t::try_from(pid) {
-                // SAFETY: kill(2) with a pid of our own child and a valid signal number.
-                unsafe { libc::kill(pid, signal) };
-            }
+    fn signal_all(&self, signal: libc::c_int) {
+        for &pid in self.workers.keys() {
+            send_signal(pid, signal);
         }
     }
 
-    /// Waits until every worker exited, or `limit` passed (then SIGKILLs the rest and waits for them).
+    /// Waits until every worker exited, or `limit` passed (then SIGKILLs the rest).
     async fn wait_all(&mut self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
-                Ok(Some(Event::Exited { id, pid, status, .. })) => {
-                    if self.workers.get(&id) == Some(&pid) {
-                        self.workers.remove(&id);
-                        info!("worker {id} (pid {pid}) {}", describe_exit(&status));
+                Ok(Some(Event::Exited { pid, status })) => {
+                    if let Some(worker) = self.workers.remove(&pid) {
+                        info!("worker {} (pid {pid}) {}", worker.slot, describe_exit(&status));
                     }
                 }
-                Ok(Some(Event::Ready { .. } | Event::Respawn { .. })) => {}
+                Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     warn!("{} workers still running after {limit:?}: killing them", self.workers.len());
-                    self.stop_all(libc::SIGKILL);
+                    self.signal_all(libc::SIGKILL);
                     self.workers.clear();
                     return;
                 }
             }
         }
     }
+}
+
+fn send_signal(pid: u32, signal: libc::c_int) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) with the pid of one of our children and a valid signal number.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Resident memory of process `pid`, from `/proc/PID/statm` (pages).
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    Some(pages * page_size)
 }
 
 async fn next_signal(terminate: &mut Signal, interrupt: &mut Signal) {

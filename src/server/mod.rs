@@ -34,13 +34,15 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Serves `sockets` until `shutdown` resolves, then stops accepting, waits for in-flight requests (up to
 /// the graceful timeout) and, with `vacuum`, removes Unix socket files. `ready` is called once every socket
-/// accepts.
+/// accepts; `retire` once `max_requests` connections were accepted (the process keeps serving until told to
+/// stop).
 pub async fn run(
     sockets: Vec<BoundSocket>,
     config: ServerConfig,
     handler: Arc<dyn Handler>,
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
+    retire: impl FnOnce() + Send + 'static,
 ) -> io::Result<()> {
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -52,17 +54,21 @@ pub async fn run(
         listeners
             .push((listener, Arc::new(Context { config, handler: Arc::clone(&handler), listener: info })));
     }
-    let accepting =
-        tokio::spawn(accept_loop(listeners, handler.capacity(), stop.clone(), connections.clone()));
+    let socket_files: Vec<PathBuf> =
+        listeners.iter().filter_map(|(listener, _)| listener.socket_file().map(Path::to_path_buf)).collect();
+    let limits = AcceptLimits { capacity: handler.capacity(), max_requests: config.max_requests };
+    let accepting = tokio::spawn(accept_loop(listeners, limits, retire, stop.clone(), connections.clone()));
     info!("ready: listening on {}", names.join(", "));
     ready();
     shutdown.await;
-    info!("shutting down: no new connections; finishing in-flight requests");
-    stop.cancel();
-    let socket_files = accepting.await.unwrap_or_default();
+    info!("shutting down: no new connections; finishing queued and in-flight requests");
+    // The socket file goes first, so no new connection can queue while the queue is drained: every
+    // connection nginx managed to make is served, none is reset when the socket closes.
     if config.vacuum {
         remove_socket_files(&socket_files);
     }
+    stop.cancel();
+    let _ = accepting.await;
     connections.close();
     let grace = config.graceful_timeout;
     if tokio::time::timeout(grace, connections.wait()).await.is_err() {
@@ -75,46 +81,72 @@ pub async fn run(
 /// "connection refused" and a restart finds a clean path.
 pub fn remove_socket_files(paths: &[PathBuf]) {
     for path in paths {
-        if let Err(err) = std::fs::remove_file(path) {
-            warn!("cannot remove socket file {}: {err}", path.display());
+        match std::fs::remove_file(path) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                warn!("cannot remove socket file {}: {err}", path.display());
+            }
+            _ => {}
         }
     }
 }
 
-/// Accepts from every listener while a Python thread is free; returns the socket files to remove.
+struct AcceptLimits {
+    capacity: usize,
+    max_requests: Option<u64>,
+}
+
+/// Accepts from every listener while a Python thread is free, until `stop`; then takes what is already
+/// queued (without waiting for more) and returns.
 ///
 /// One loop for all listeners, because the permit is taken before accepting: a loop per listener would let
 /// one socket hold the last permit while connections on the others wait. Listeners are polled in turn,
 /// starting after the last one that produced a connection, so none is starved.
 async fn accept_loop(
     listeners: Vec<(Listener, Arc<Context>)>,
-    capacity: usize,
+    limits: AcceptLimits,
+    retire: impl FnOnce() + Send + 'static,
     stop: CancellationToken,
     connections: TaskTracker,
-) -> Vec<PathBuf> {
+) {
     // Connections beyond the permits wait in the kernel backlog, where another worker process can take them.
-    let permits = Arc::new(Semaphore::new(capacity * CONNECTIONS_PER_THREAD));
+    let permits = Arc::new(Semaphore::new(limits.capacity * CONNECTIONS_PER_THREAD));
+    let mut retire = Some(retire);
+    let mut accepted_total: u64 = 0;
     let mut backoff = MIN_ACCEPT_BACKOFF;
     let mut next = 0;
     loop {
+        // Once stopping, permits are still awaited (queued connections wait their turn in the backlog, which
+        // stays open until this loop ends), but no new connection is.
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => break,
+            () = stop.cancelled(), if !stop.is_cancelled() => continue,
         };
+        let stopping = stop.is_cancelled();
         let accept_any = std::future::poll_fn(|cx| {
             for turn in 0..listeners.len() {
                 let index = (next + turn) % listeners.len();
                 if let Poll::Ready(accepted) = listeners[index].0.poll_accept(cx) {
-                    return Poll::Ready((index, accepted));
+                    return Poll::Ready(Some((index, accepted)));
                 }
+            }
+            if stopping {
+                return Poll::Ready(None); // the queues are empty
             }
             Poll::Pending
         });
-        let (index, accepted) = tokio::select! {
+        let accepted = tokio::select! {
             accepted = accept_any => accepted,
-            () = stop.cancelled() => break,
+            () = stop.cancelled(), if !stopping => continue,
         };
+        let Some((index, accepted)) = accepted else { break };
         next = (index + 1) % listeners.len();
+        accepted_total += 1;
+        if limits.max_requests.is_some_and(|max| accepted_total >= max) {
+            if let Some(retire) = retire.take() {
+                info!("{accepted_total} requests accepted: asking to be replaced (--max-requests)");
+                retire();
+            }
+        }
         let context = Arc::clone(&listeners[index].1);
         match accepted {
             Ok(Connection::Tcp(stream)) => {
@@ -132,5 +164,4 @@ async fn accept_loop(
         }
         backoff = MIN_ACCEPT_BACKOFF;
     }
-    listeners.iter().filter_map(|(listener, _)| listener.socket_file().map(Path::to_path_buf)).collect()
 }
