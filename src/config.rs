@@ -98,6 +98,11 @@ pub struct Cli {
     #[arg(long = "reload-on-rss", value_name = "MB", default_value_t = 0)]
     pub reload_on_rss: u64,
 
+    /// A request running longer than SECS seconds: log where it is stuck and replace its worker, killing
+    /// the worker's other requests too (implies --master).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub harakiri: u64,
+
     /// Replace a worker after it has run SECS seconds (implies --master).
     #[arg(long = "max-worker-lifetime", value_name = "SECS", default_value_t = 0)]
     pub max_worker_lifetime: u64,
@@ -209,6 +214,8 @@ impl fmt::Display for AppSpec {
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub threads: NonZeroUsize,
+    /// A request running longer has its worker replaced.
+    pub harakiri: Option<Duration>,
     /// Other processes serve the same app (`wsgi.multiprocess`).
     pub multiprocess: bool,
 }
@@ -294,10 +301,14 @@ impl TryFrom<Cli> for Config {
                 pythonpath: cli.pythonpath,
                 virtualenv: cli.virtualenv,
             },
-            pool: PoolConfig { threads: cli.threads, multiprocess: cli.processes.get() > 1 },
+            pool: PoolConfig {
+                threads: cli.threads,
+                harakiri: (cli.harakiri > 0).then(|| Duration::from_secs(cli.harakiri)),
+                multiprocess: cli.processes.get() > 1,
+            },
             processes: ProcessConfig {
                 workers: cli.processes,
-                master: cli.master || cli.processes.get() > 1 || recycle.any(),
+                master: cli.master || cli.processes.get() > 1 || recycle.any() || cli.harakiri > 0,
                 recycle,
             },
             server: ServerConfig {

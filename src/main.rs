@@ -44,7 +44,12 @@ fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
         Ok(app) => app,
         Err(err) => return fail(err),
     };
-    let pool = match wsgi::start(app, config.pool) {
+    let control = inherited.map(|inherited| Arc::new(inherited.control()));
+    let on_harakiri: Box<dyn FnOnce() + Send> = match control.clone() {
+        Some(control) => Box::new(move || control.harakiri()),
+        None => Box::new(|| tracing::error!("no master to replace this process: it stops")),
+    };
+    let pool = match wsgi::start(app, config.pool, on_harakiri) {
         Ok(pool) => Arc::new(pool),
         Err(err) => return fail(err),
     };
@@ -57,7 +62,6 @@ fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
         Err(err) => return fail(format!("cannot start the I/O runtime: {err}")),
     };
     let handler = Arc::clone(&pool);
-    let control = inherited.map(|inherited| Arc::new(inherited.control()));
     let ready = || control.as_ref().map_or((), |control| control.ready());
     let retire = {
         let control = control.clone();

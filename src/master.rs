@@ -40,6 +40,8 @@ const RESPAWN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that served this long was healthy: the next one that dies is replaced at once.
 const HEALTHY_LIFETIME: Duration = Duration::from_secs(10);
+/// Between a worker's harakiri report and its SIGKILL: the worker logs the stuck request's stack meanwhile.
+const HARAKIRI_GRACE: Duration = Duration::from_millis(500);
 /// After the graceful timeout, workers get this long for their own clean-up before SIGKILL.
 const KILL_AFTER_GRACE: Duration = Duration::from_secs(15);
 
@@ -102,6 +104,7 @@ const KNUTH_MULTIPLIER: u64 = 2_654_435_761;
 /// What a worker tells its master, one byte each.
 const SAYS_READY: u8 = b'R';
 const SAYS_MAX_REQUESTS: u8 = b'M';
+const SAYS_HARAKIRI: u8 = b'H';
 
 /// A worker's side of the control socket.
 pub struct Control(std::sync::Mutex<UnixStream>);
@@ -117,6 +120,12 @@ impl Control {
     /// Every socket accepts.
     pub fn ready(&self) {
         self.say(SAYS_READY, "this worker is ready");
+    }
+
+    /// A request outlived `--harakiri`: the master starts a replacement at once and kills this worker after
+    /// [`HARAKIRI_GRACE`], time enough to log where the request is stuck.
+    pub fn harakiri(&self) {
+        self.say(SAYS_HARAKIRI, "about the harakiri");
     }
 
     /// `--max-requests` reached: the master starts a replacement, then stops this worker gracefully.
@@ -179,6 +188,9 @@ enum Event {
         pid: u32,
         reason: Retirement,
     },
+    Harakiri {
+        pid: u32,
+    },
     Exited {
         pid: u32,
         status: io::Result<ExitStatus>,
@@ -233,6 +245,8 @@ struct Supervisor<'a> {
     events: mpsc::UnboundedSender<Event>,
     inbox: mpsc::UnboundedReceiver<Event>,
     backoff: Duration,
+    /// Harakiri kills so far (logged with each; the metrics issue exports it).
+    harakiri_count: u64,
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
@@ -247,6 +261,7 @@ impl<'a> Supervisor<'a> {
             handoff,
             socket_files,
             workers: HashMap::new(),
+            harakiri_count: 0,
             events,
             inbox,
             backoff,
@@ -304,6 +319,7 @@ impl<'a> Supervisor<'a> {
         match event {
             Event::Ready { pid } => self.on_ready(pid),
             Event::Retire { pid, reason } => self.retire(pid, reason),
+            Event::Harakiri { pid } => self.harakiri(pid),
             Event::Exited { pid, status } => return self.on_exit(pid, &status).await,
             Event::Respawn { slot } => {
                 if let Err(err) = self.spawn(slot) {
@@ -347,6 +363,29 @@ impl<'a> Supervisor<'a> {
                 }
             }
             Err(err) => error!("{err}; worker {slot} (pid {pid}) keeps running"),
+        }
+    }
+
+    /// A request outlived `--harakiri` in worker `pid`: it is killed after [`HARAKIRI_GRACE`], and its
+    /// replacement starts now (the stuck worker serves nothing meanwhile).
+    fn harakiri(&mut self, pid: u32) {
+        let Some(worker) = self.workers.get_mut(&pid) else { return };
+        self.harakiri_count += 1;
+        let slot = worker.slot;
+        worker.retiring = true;
+        let replacement = worker.replaced_by.take();
+        error!(
+            "harakiri #{} on worker {slot} (pid {pid}): killing it in {HARAKIRI_GRACE:?}",
+            self.harakiri_count
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(HARAKIRI_GRACE).await;
+            send_signal(pid, libc::SIGKILL);
+        });
+        if replacement.is_none() {
+            if let Err(err) = self.spawn(slot) {
+                error!("{err}");
+            }
         }
     }
 
@@ -489,6 +528,7 @@ impl<'a> Supervisor<'a> {
                         (Ok(1), SAYS_MAX_REQUESTS) => {
                             let _ = events.send(Event::Retire { pid, reason: Retirement::MaxRequests });
                         }
+                        (Ok(1), SAYS_HARAKIRI) => { let _ = events.send(Event::Harakiri { pid }); }
                         (Ok(1), _) => {}
                         // The worker closed its end (it is exiting): only its exit status is left to wait for.
                         _ => break child.wait().await,

@@ -5,6 +5,7 @@
 //! failures are logged here, with their traceback, and turned into a 500 or an aborted response.
 
 mod environ;
+mod harakiri;
 mod pool;
 mod response;
 mod streams;
@@ -199,6 +200,7 @@ fn run_exit_hooks() {
 }
 
 /// Builds the pool of Python threads that run `app`.
-pub fn start(app: App, config: PoolConfig) -> PyResult<Pool> {
-    Pool::start(app, config)
+/// `on_harakiri` is called (once) if a request outlives `--harakiri`.
+pub fn start(app: App, config: PoolConfig, on_harakiri: Box<dyn FnOnce() + Send>) -> PyResult<Pool> {
+    Pool::start(app, config, on_harakiri)
 }

@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
 use super::environ::EnvironTemplate;
+use super::harakiri::{self, Board};
 use super::response::{drive, Failure, Sink, StartResponse};
 use super::{traceback, App};
 use crate::config::PoolConfig;
@@ -62,18 +63,30 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub(super) fn start(app: App, config: PoolConfig) -> PyResult<Self> {
+    pub(super) fn start(
+        app: App,
+        config: PoolConfig,
+        on_harakiri: Box<dyn FnOnce() + Send>,
+    ) -> PyResult<Self> {
         let threads = config.threads.get();
         let app = Arc::new(app.callable);
+        let board = Board::new(threads);
+        if let Some(limit) = config.harakiri {
+            harakiri::watch(Arc::clone(&board), limit, on_harakiri).map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!("cannot start the harakiri watchdog: {e}"))
+            })?;
+        }
         let (sender, receiver) = crossbeam_channel::unbounded::<Task>();
         let queue =
             Arc::new(Queue { sender: Mutex::new(Some(sender)), collect_pending: AtomicBool::new(false) });
         let handles = (0..threads)
             .map(|index| {
                 let (app, queue, receiver) = (Arc::clone(&app), Arc::clone(&queue), receiver.clone());
+                let board = Arc::clone(&board);
+                let thread = PoolThread { index, app, queue, board };
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_jobs(py, &app, &queue, &receiver, config)))
+                    .spawn(move || Python::attach(|py| serve_jobs(py, &thread, &receiver, config)))
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
@@ -114,13 +127,21 @@ impl Handler for Pool {
     }
 }
 
+/// What one pool thread works with.
+struct PoolThread {
+    index: usize,
+    app: Arc<Py<PyAny>>,
+    queue: Arc<Queue>,
+    board: Arc<Board>,
+}
+
 fn serve_jobs(
     py: Python<'_>,
-    app: &Py<PyAny>,
-    queue: &Arc<Queue>,
+    thread: &PoolThread,
     receiver: &crossbeam_channel::Receiver<Task>,
     config: PoolConfig,
 ) {
+    thread.board.register_thread(thread.index, py);
     // Per thread, so `wsgi.errors` lines from different threads never interleave.
     let environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
         Ok(environ) => environ,
@@ -133,13 +154,17 @@ fn serve_jobs(
         match task {
             Task::Run(job) => {
                 // A bug of ours must cost one request, not a thread of the pool.
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| run(py, app, &environ, queue, job)));
+                thread.board.start(thread.index, &job.request.vars);
+                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    run(py, &thread.app, &environ, &thread.queue, job);
+                }));
+                thread.board.finish(thread.index);
                 if ran.is_err() {
                     error!("internal error while running a request; the thread continues");
                 }
             }
             Task::Collect => {
-                queue.collect_pending.store(false, Ordering::Release);
+                thread.queue.collect_pending.store(false, Ordering::Release);
                 // Objects released after this thread re-attached are freed by the next re-attach.
                 py.detach(|| ());
             }

@@ -171,3 +171,26 @@ def test_sigkill_of_a_worker_costs_only_its_own_requests(launcher):
         )
     finally:
         stack.stop()
+
+
+def test_harakiri_kills_a_stuck_request_logs_where_and_replaces_the_worker(launcher):
+    stack = launcher.start(
+        ["--wsgi-file", str(APPS / "workers_app.py")],
+        extra_args=["--processes", "2", "--harakiri", "2"],
+    )
+    try:
+        stuck = requests.get(stack.url("/sleep?ms=60000"), timeout=HTTP_TIMEOUT)
+        assert stuck.status_code == 502, (stuck.status_code, stack.report())
+        log = stack.oxwsgi_log()
+        assert "HARAKIRI: GET /sleep?ms=60000 has run" in log, stack.report()
+        # The stack names the app's sleeping line.
+        assert 'workers_app.py", line' in log and "time.sleep(" in log, stack.report()
+        wait_for(
+            lambda: "retired: it was killed by signal 9" in stack.oxwsgi_log(), "the stuck worker was killed", stack
+        )
+        # The other worker and the replacement serve on.
+        statuses = Counter(requests.get(stack.url("/"), timeout=HTTP_TIMEOUT).status_code for _ in range(20))
+        assert statuses == Counter({200: 20}), statuses
+        assert stack.oxwsgi_log().count(" ready") >= 3, "no replacement worker became ready"
+    finally:
+        stack.stop()
