@@ -13,6 +13,8 @@ use std::time::Duration;
 use clap::Parser;
 use oxwsgi_proto::Limits;
 
+use crate::deploy::{self, Owner};
+
 /// nginx refuses to send a vars block over 65535 bytes (the u16 `datasize`), so accepting anything smaller by
 /// default only turns long cookies into 502s (uWSGI's 4096 default is the classic cause).
 pub const DEFAULT_BUFFER_SIZE: u32 = 65535;
@@ -30,15 +32,8 @@ const DEFAULT_CHMOD_SOCKET: &str = "666";
 #[command(name = "oxwsgi", version, about, long_about = None)]
 pub struct Cli {
     /// Listen on ADDR: `host:port`, `[::1]:port`, `:port` (all IPv4 interfaces), or a Unix socket path
-    /// (containing `/`, or prefixed `unix:`). Repeatable.
-    #[arg(
-        long = "socket",
-        short = 's',
-        value_name = "ADDR",
-        required = true,
-        env = "OXWSGI_SOCKET",
-        value_delimiter = ','
-    )]
+    /// (containing `/`, or prefixed `unix:`). Repeatable. Not needed under systemd socket activation.
+    #[arg(long = "socket", short = 's', value_name = "ADDR", env = "OXWSGI_SOCKET", value_delimiter = ',')]
     pub sockets: Vec<String>,
 
     /// Load the app from a module: `package.module:callable` (callable defaults to --callable).
@@ -115,6 +110,22 @@ pub struct Cli {
     #[arg(long = "chmod-socket", value_name = "MODE", num_args = 0..=1, default_missing_value = DEFAULT_CHMOD_SOCKET)]
     pub chmod_socket: Option<String>,
 
+    /// chown Unix sockets after binding to USER[:GROUP] (names or numbers), e.g. `www-data:www-data`.
+    #[arg(long = "chown-socket", value_name = "USER[:GROUP]")]
+    pub chown_socket: Option<String>,
+
+    /// Run as this user (name or number) once the sockets are bound; the app never runs as root.
+    #[arg(long, value_name = "USER")]
+    pub uid: Option<String>,
+
+    /// Run as this group (name or number) once the sockets are bound.
+    #[arg(long, value_name = "GROUP")]
+    pub gid: Option<String>,
+
+    /// Write the pid of the master (or of the single process) to FILE; removed at exit.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
     /// Largest uwsgi vars block (request headers and params) accepted, in bytes; at most 65535.
     #[arg(long = "buffer-size", value_name = "BYTES", default_value_t = DEFAULT_BUFFER_SIZE)]
     pub buffer_size: u32,
@@ -144,6 +155,9 @@ pub struct Config {
     pub pool: PoolConfig,
     pub server: ServerConfig,
     pub processes: ProcessConfig,
+    /// Who the process runs as once the sockets are bound.
+    pub run_as: Owner,
+    pub pidfile: Option<PathBuf>,
 }
 
 /// How many processes, whether a master supervises them, and when it replaces them.
@@ -230,6 +244,8 @@ pub struct ServerConfig {
     pub listen_backlog: u32,
     /// Mode for Unix sockets after bind.
     pub chmod_socket: Option<u32>,
+    /// Owner for Unix sockets after bind.
+    pub chown_socket: Option<Owner>,
     pub access_log: bool,
     pub graceful_timeout: Duration,
     /// Remove Unix socket files at exit. Only the process that bound them does.
@@ -271,6 +287,27 @@ impl TryFrom<Cli> for Config {
             return Err(ConfigError(format!("--listen {} is not a usable backlog", cli.listen)));
         }
         let chmod_socket = cli.chmod_socket.as_deref().map(parse_mode).transpose()?;
+        let chown_socket = cli
+            .chown_socket
+            .as_deref()
+            .map(|owner| {
+                deploy::parse_owner(owner).map_err(|e| ConfigError(format!("--chown-socket {owner}: {e}")))
+            })
+            .transpose()?;
+        let run_as = Owner {
+            uid: cli
+                .uid
+                .as_deref()
+                .map(deploy::resolve_user)
+                .transpose()
+                .map_err(|e| ConfigError(format!("--uid: {e}")))?,
+            gid: cli
+                .gid
+                .as_deref()
+                .map(deploy::resolve_group)
+                .transpose()
+                .map_err(|e| ConfigError(format!("--gid: {e}")))?,
+        };
         let recycle = RecycleConfig {
             max_requests: NonZeroU64::new(cli.max_requests),
             max_requests_jitter: cli.max_requests_jitter,
@@ -294,6 +331,8 @@ impl TryFrom<Cli> for Config {
         };
         Ok(Config {
             sockets,
+            run_as,
+            pidfile: cli.pidfile,
             app: AppSpec {
                 source,
                 callable,
@@ -317,6 +356,7 @@ impl TryFrom<Cli> for Config {
                 socket_timeout: Duration::from_secs(cli.socket_timeout),
                 listen_backlog: cli.listen,
                 chmod_socket,
+                chown_socket,
                 access_log: !cli.disable_logging,
                 graceful_timeout: Duration::from_secs(cli.graceful_timeout),
                 vacuum: true,

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: command-line options, validated once into typed config.
+//! - [`deploy`]: systemd socket activation and notification, pidfile, socket owner, privilege drop.
 //! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them.
 //! - [`server`]: tokio — listeners, connections, the uwsgi packet in and the HTTP response out. No pyo3.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads. The only pyo3 user.
@@ -11,6 +12,7 @@
 //! - The wire format itself lives in the `oxwsgi-proto` crate (pure, no I/O).
 
 pub mod config;
+pub mod deploy;
 pub mod exchange;
 pub mod master;
 pub mod response;

@@ -1,4 +1,5 @@
-//! The `oxwsgi` command: parse options, load the app, bind, serve until SIGINT/SIGTERM.
+//! The `oxwsgi` command: parse options, take the sockets, then either supervise worker processes (the
+//! master) or load the app and serve until SIGINT/SIGTERM.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use oxwsgi::config::{Cli, Config};
-use oxwsgi::{master, server, wsgi};
+use oxwsgi::server::BoundSocket;
+use oxwsgi::{deploy, master, server, wsgi};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
@@ -24,45 +26,98 @@ fn main() -> ExitCode {
     };
     init_logging();
     let inherited = master::Inherited::from_env();
-    if inherited.is_none() && config.processes.master {
-        return match master::run(&config) {
+    let sockets = match take_sockets(&mut config, inherited.as_ref()) {
+        Ok(sockets) => sockets,
+        Err(err) => return fail(err),
+    };
+    if inherited.is_some() {
+        return serve(&config, sockets, inherited);
+    }
+    // Only the process that bound the sockets writes the pidfile and drops privileges (workers inherit both).
+    let _pidfile = match config.pidfile.as_deref().map(deploy::Pidfile::create).transpose() {
+        Ok(pidfile) => pidfile,
+        Err(err) => return fail(format!("cannot write --pidfile: {err}")),
+    };
+    if let Err(err) = deploy::drop_privileges(config.run_as) {
+        return fail(format!("cannot switch to --uid/--gid: {err}"));
+    }
+    if config.processes.master {
+        return match master::run(&config, sockets, || deploy::notify("READY=1")) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(err),
         };
     }
-    if let Some(inherited) = &inherited {
+    serve(&config, sockets, None)
+}
+
+/// The listening sockets: from the master (a worker), from systemd (socket activation), or bound here.
+fn take_sockets(
+    config: &mut Config,
+    inherited: Option<&master::Inherited>,
+) -> Result<Vec<BoundSocket>, String> {
+    if let Some(inherited) = inherited {
         // The master bound the sockets and removes their files; it also replaces this worker when asked.
         config.server.vacuum = false;
         config.server.max_requests = inherited.max_requests(&config.processes.recycle);
+        return inherited.sockets().map_err(|err| format!("cannot use the sockets from the master: {err}"));
     }
-    serve(&config, inherited)
+    match deploy::systemd_sockets() {
+        Ok(Some(sockets)) => {
+            // systemd owns these sockets and their files.
+            config.server.vacuum = false;
+            tracing::info!("using {} sockets passed by systemd", sockets.len());
+            return Ok(sockets);
+        }
+        Ok(None) => {}
+        Err(err) => return Err(format!("cannot use the sockets passed by systemd: {err}")),
+    }
+    if config.sockets.is_empty() {
+        return Err(
+            "no socket to listen on: give --socket ADDR (or start under systemd socket activation)".into()
+        );
+    }
+    deploy::check_backlog(config.server.listen_backlog);
+    config
+        .sockets
+        .iter()
+        .map(|spec| {
+            server::bind(spec, &config.server).map_err(|err| format!("cannot listen on {spec}: {err}"))
+        })
+        .collect()
 }
 
 /// One serving process: on its own, or as a worker of a master (`inherited`).
-fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
+fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::Inherited>) -> ExitCode {
+    let socket_files: Vec<_> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
+    let stop = |err: &dyn Display| {
+        // The app never accepted on these sockets: leave no file behind for nginx to queue on.
+        if config.server.vacuum {
+            server::remove_socket_files(&socket_files);
+        }
+        fail(err)
+    };
     let app = match wsgi::load(&config.app) {
         Ok(app) => app,
-        Err(err) => return fail(err),
+        Err(err) => return stop(&err),
     };
     let control = inherited.map(|inherited| Arc::new(inherited.control()));
     let on_harakiri: Box<dyn FnOnce() + Send> = match control.clone() {
         Some(control) => Box::new(move || control.harakiri()),
-        None => Box::new(|| tracing::error!("no master to replace this process: it stops")),
+        None => Box::new(|| tracing::error!("no master to replace this process: it keeps running")),
     };
     let pool = match wsgi::start(app, config.pool, on_harakiri) {
         Ok(pool) => Arc::new(pool),
-        Err(err) => return fail(err),
-    };
-    let sockets = match inherited.map_or_else(|| bind_all(config), |inherited| inherited.sockets(config)) {
-        Ok(sockets) => sockets,
-        Err(err) => return fail(err),
+        Err(err) => return stop(&err),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => return fail(format!("cannot start the I/O runtime: {err}")),
+        Err(err) => return stop(&format!("cannot start the I/O runtime: {err}")),
     };
     let handler = Arc::clone(&pool);
-    let ready = || control.as_ref().map_or((), |control| control.ready());
+    let ready = || match &control {
+        Some(control) => control.ready(),
+        None => deploy::notify("READY=1"),
+    };
     let retire = {
         let control = control.clone();
         move || control.map_or((), |control| control.max_requests_reached())
@@ -79,15 +134,6 @@ fn serve(config: &Config, inherited: Option<master::Inherited>) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
-}
-
-/// Binds every `--socket`, for a process without a master.
-fn bind_all(config: &Config) -> std::io::Result<Vec<server::BoundSocket>> {
-    let bind = |spec| {
-        server::bind(spec, &config.server)
-            .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {spec}: {err}")))
-    };
-    config.sockets.iter().map(bind).collect()
 }
 
 fn fail(err: impl Display) -> ExitCode {
@@ -115,6 +161,7 @@ fn shutdown_signal() -> impl Future<Output = ()> {
             return std::future::pending().await;
         };
         tracing::info!("{} received", next_signal(&mut terminate, &mut interrupt).await);
+        deploy::notify("STOPPING=1");
         tokio::spawn(async move {
             let signal = next_signal(&mut terminate, &mut interrupt).await;
             tracing::warn!("{signal} received again: stopping now, without waiting for in-flight requests");

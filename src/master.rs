@@ -64,21 +64,13 @@ impl Inherited {
         })
     }
 
-    /// The listening sockets, in the order of the `--socket` options.
-    pub fn sockets(&self, config: &Config) -> io::Result<Vec<BoundSocket>> {
-        if self.listen_fds != config.sockets.len() {
-            let message = format!(
-                "inherited {} sockets for {} --socket options",
-                self.listen_fds,
-                config.sockets.len()
-            );
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
-        }
-        (FIRST_INHERITED_FD..)
-            .zip(&config.sockets)
-            // SAFETY: the master placed exactly these listening sockets at these descriptors, and this
-            // process opened nothing there before reading them.
-            .map(|(fd, spec)| unsafe { BoundSocket::inherited(fd, spec.clone()) })
+    /// The listening sockets, in the order the master holds them.
+    pub fn sockets(&self) -> io::Result<Vec<BoundSocket>> {
+        let count = RawFd::try_from(self.listen_fds).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: the master placed exactly these listening sockets at these descriptors, and this process
+        // opened nothing there before reading them.
+        (FIRST_INHERITED_FD..FIRST_INHERITED_FD + count)
+            .map(|fd| unsafe { crate::deploy::adopt(fd) })
             .collect()
     }
 
@@ -146,22 +138,10 @@ impl fmt::Display for MasterError {
 
 impl std::error::Error for MasterError {}
 
-/// Binds, starts the workers and supervises them until a stop signal.
-pub fn run(config: &Config) -> Result<(), MasterError> {
-    let mut sockets = Vec::with_capacity(config.sockets.len());
-    for spec in &config.sockets {
-        let socket = server::bind(spec, &config.server)
-            .map_err(|err| MasterError(format!("cannot listen on {spec}: {err}")))?;
-        sockets.push(socket);
-    }
-    let socket_files: Vec<PathBuf> = config
-        .sockets
-        .iter()
-        .filter_map(|spec| match spec {
-            crate::config::SocketSpec::Unix(path) => Some(path.clone()),
-            crate::config::SocketSpec::Tcp(_) => None,
-        })
-        .collect();
+/// Starts the workers on `sockets` (bound, or passed by systemd) and supervises them until a stop signal.
+/// `on_ready` runs once every worker of the first generation accepts.
+pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) -> Result<(), MasterError> {
+    let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
     let handoff = sockets
         .iter()
         .map(|socket| dup_high(socket.as_raw_fd()))
@@ -171,7 +151,8 @@ pub fn run(config: &Config) -> Result<(), MasterError> {
         .enable_all()
         .build()
         .map_err(|err| MasterError(format!("cannot start the master's runtime: {err}")))?;
-    let result = runtime.block_on(Supervisor::new(config, handoff, socket_files.clone()).supervise());
+    let supervisor = Supervisor::new(config, handoff, socket_files.clone());
+    let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
         server::remove_socket_files(&socket_files);
     }
@@ -269,7 +250,8 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    async fn supervise(mut self) -> Result<(), MasterError> {
+    async fn supervise(mut self, on_ready: impl FnOnce()) -> Result<(), MasterError> {
+        let mut on_ready = Some(on_ready);
         let signal_error = |err: io::Error| MasterError(format!("cannot install signal handlers: {err}"));
         let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
@@ -284,6 +266,11 @@ impl<'a> Supervisor<'a> {
             tokio::select! {
                 event = self.inbox.recv() => {
                     self.handle(event.expect("the supervisor holds a sender")).await?;
+                    if self.started {
+                        if let Some(on_ready) = on_ready.take() {
+                            on_ready();
+                        }
+                    }
                 }
                 _ = hangup.recv() => self.reload(),
                 _ = checks.tick() => self.check_limits(),
@@ -299,6 +286,7 @@ impl<'a> Supervisor<'a> {
         };
         let grace = self.config.server.graceful_timeout;
         info!("{stop} received: workers finish their requests (up to {grace:?}), then the master exits");
+        crate::deploy::notify("STOPPING=1");
         // First the socket files, so nothing new queues while the workers drain the queues.
         if self.config.server.vacuum {
             server::remove_socket_files(&self.socket_files);

@@ -1075,7 +1075,16 @@ fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
     let server = Server::builder().args(&["--socket", &stale.display().to_string()]).start();
-    let mut conn = std::os::unix::net::UnixStream::connect(&stale).expect("the stale path was rebound");
+    // Readiness was checked on the server's first socket; the second one is bound just after it.
+    let mut conn = (0..support::POLL_TRIES)
+        .find_map(|_| {
+            let conn = std::os::unix::net::UnixStream::connect(&stale).ok();
+            if conn.is_none() {
+                std::thread::sleep(support::POLL_INTERVAL);
+            }
+            conn
+        })
+        .expect("the stale path was rebound");
     conn.write_all(&[100, 0, 0, 0]).unwrap();
     let mut pong = Vec::new();
     std::io::Read::read_to_end(&mut conn, &mut pong).unwrap();

@@ -37,6 +37,14 @@ impl BoundSocket {
         Ok(Self { spec, socket })
     }
 
+    /// The file of a Unix socket, to remove at exit.
+    pub fn socket_file(&self) -> Option<std::path::PathBuf> {
+        match &self.spec {
+            SocketSpec::Unix(path) => Some(path.clone()),
+            SocketSpec::Tcp(_) => None,
+        }
+    }
+
     /// The descriptor to hand to a worker process.
     pub fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
@@ -64,6 +72,9 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
             socket.bind(&SockAddr::unix(path)?)?;
             if let Some(mode) = config.chmod_socket {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            }
+            if let Some(owner) = config.chown_socket {
+                crate::deploy::chown(path, owner)?;
             }
             socket.listen(backlog)?;
             socket
