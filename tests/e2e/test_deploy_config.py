@@ -27,19 +27,25 @@ def render(prefix: Path, port: int, upstream: str) -> Path:
         server = server.replace(UNIX_PASS, f"uwsgi_pass {upstream};")
     else:
         server = server.replace(UNIX_PASS, "").replace(TCP_PASS, f"uwsgi_pass {upstream};")
+    (prefix / "static").mkdir()
+    (prefix / "static" / "hello.txt").write_text("static from nginx\n")
+    return main_config(prefix, server)
+
+
+def main_config(prefix: Path, server: str) -> Path:
+    """A main nginx.conf around a shipped `server` block (and whatever precedes it, e.g. an upstream):
+    every path under `prefix`, and the `uwsgi_params` its `include` needs beside it."""
     temp_paths = "".join(
         f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "uwsgi", "proxy", "fastcgi", "scgi")
     )
     conf = prefix / "nginx.conf"
     conf.write_text(
         f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {prefix}/nginx.pid;\n"
-        f"events {{ worker_connections 64; }}\n"
+        f"events {{ worker_connections 256; }}\n"
         f"http {{\n    access_log {prefix}/access.log;\n{temp_paths}{server}\n}}\n"
     )
     # `include uwsgi_params;` is relative to the config's directory, as in /etc/nginx.
     shutil.copy("/etc/nginx/uwsgi_params", prefix / "uwsgi_params")
-    (prefix / "static").mkdir()
-    (prefix / "static" / "hello.txt").write_text("static from nginx\n")
     return conf
 
 
