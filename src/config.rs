@@ -30,6 +30,7 @@ const DEFAULT_CHMOD_SOCKET: &str = "666";
 /// Runs a Python WSGI application behind nginx over the uwsgi protocol (`uwsgi_pass`).
 #[derive(Debug, Parser)]
 #[command(name = "oxwsgi", version, about, long_about = None)]
+#[allow(clippy::struct_excessive_bools)] // one field per command-line flag, as clap wants
 pub struct Cli {
     /// Listen on ADDR: `host:port`, `[::1]:port`, `:port` (all IPv4 interfaces), or a Unix socket path
     /// (containing `/`, or prefixed `unix:`). Repeatable. Not needed under systemd socket activation.
@@ -141,6 +142,14 @@ pub struct Cli {
     /// Backlog of each listening socket (connections waiting for a free thread).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_LISTEN_BACKLOG)]
     pub listen: u32,
+
+    /// Remove Unix socket files at exit (the default; accepted for uWSGI familiarity).
+    #[arg(long, overrides_with = "no_vacuum")]
+    pub vacuum: bool,
+
+    /// Leave Unix socket files behind at exit.
+    #[arg(long = "no-vacuum")]
+    pub no_vacuum: bool,
 
     /// Do not log a line per request.
     #[arg(long = "disable-logging")]
@@ -359,7 +368,7 @@ impl TryFrom<Cli> for Config {
                 chown_socket,
                 access_log: !cli.disable_logging,
                 graceful_timeout: Duration::from_secs(cli.graceful_timeout),
-                vacuum: true,
+                vacuum: !cli.no_vacuum,
                 max_requests: None,
             },
         })

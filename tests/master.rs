@@ -132,3 +132,65 @@ fn an_app_that_cannot_load_stops_the_master() {
     assert!(stderr.matches(" started (pid ").count() <= 2, "workers were restarted:\n{stderr}");
     assert!(!socket.exists());
 }
+
+/// Polls requests until one is served by a pid other than `first`.
+fn wait_for_replacement(server: &Server, first: u32) -> u32 {
+    for _ in 0..SEARCH_REQUESTS {
+        let pid = served_by(server, "/");
+        if pid != first {
+            return pid;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    panic!("worker {first} was never replaced; log:\n{}", server.log());
+}
+
+#[test]
+fn a_worker_past_its_lifetime_is_replaced_gracefully() {
+    let server = start(&["--max-worker-lifetime", "1"]);
+    let first = served_by(&server, "/");
+    let second = wait_for_replacement(&server, first);
+    assert!(is_running(second));
+    let log = server.wait_log("retired");
+    assert!(log.contains("--max-worker-lifetime reached"), "{log}");
+    assert!(log.contains(&format!("(pid {first}) retired: it exited with status 0")), "{log}");
+}
+
+#[test]
+fn a_worker_over_its_memory_limit_is_replaced() {
+    // 1 MB: any Python process is over it, so the worker is replaced as soon as it is ready.
+    let server = start(&["--reload-on-rss", "1"]);
+    let first = served_by(&server, "/");
+    wait_for_replacement(&server, first);
+    assert!(server.wait_log("--reload-on-rss exceeded").contains("replacing worker 1"));
+}
+
+#[test]
+fn sigquit_stops_the_workers_at_once() {
+    let mut server = start(&["--processes", "2"]);
+    let started = temp_dir().join("started");
+    let request = support::RequestBuilder::get(&format!("/sleep?ms=30000&started={}", started.display()));
+    let mut in_flight = server.connect();
+    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
+    for _ in 0..POLL_TRIES {
+        if started.exists() {
+            break;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    assert!(started.exists(), "the request never reached the app");
+    server.signal("QUIT");
+    let status = server.wait_exit(POLL_TRIES);
+    assert!(status.success(), "{status}");
+    // The in-flight request was not waited for: the connection ends without a response.
+    let answer = in_flight.read_to_end_result().unwrap_or_else(|(_, got)| got);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+}
+
+#[test]
+fn no_vacuum_leaves_the_socket_file() {
+    let mut server = start(&["--processes", "2", "--no-vacuum"]);
+    let support::Addr::Unix(socket_file) = server.addr.clone() else { unreachable!("Unix by default") };
+    assert!(server.terminate().success());
+    assert!(socket_file.exists(), "--no-vacuum must leave the socket file");
+}
