@@ -151,28 +151,37 @@ pub fn chown(path: &Path, owner: Owner) -> io::Result<()> {
     std::os::unix::fs::chown(path, owner.uid, owner.gid)
 }
 
-/// Drops to `owner` (`--gid` first, then `--uid`, as root must), after the sockets are bound and before the
-/// app is loaded, so the app never runs as root.
+/// Drops to `owner` (group first, then user, as root must), after the sockets are bound and before the app
+/// is loaded, so the app never runs as root. With a user and no group, the user's primary group is used, and
+/// root's supplementary groups are always cleared: nothing of root's group access is kept.
 pub fn drop_privileges(owner: Owner) -> io::Result<()> {
-    if let Some(gid) = owner.gid {
-        // SAFETY: plain system calls; setgroups with an empty list clears root's supplementary groups.
-        let cleared = unsafe { libc::setgroups(0, std::ptr::null()) } == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        // SAFETY: as above.
-        if !cleared || unsafe { libc::setgid(gid) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    let gid = owner.gid.or_else(|| owner.uid.and_then(primary_group));
+    if owner.uid.is_none() && gid.is_none() {
+        return Ok(());
     }
-    if let Some(uid) = owner.uid {
-        // SAFETY: a plain system call.
-        if unsafe { libc::setuid(uid) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    // SAFETY: setgroups with an empty list; it fails with EPERM only when not root, and then there is
+    // nothing to clear.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0
+        && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
+    {
+        return Err(io::Error::last_os_error());
     }
-    if owner.uid.is_some() || owner.gid.is_some() {
-        info!("running as uid {:?}, gid {:?}", owner.uid, owner.gid);
+    // SAFETY (both): plain system calls.
+    if gid.is_some_and(|gid| unsafe { libc::setgid(gid) } != 0)
+        || owner.uid.is_some_and(|uid| unsafe { libc::setuid(uid) } != 0)
+    {
+        return Err(io::Error::last_os_error());
     }
+    info!("running as uid {:?}, gid {gid:?}", owner.uid);
     Ok(())
+}
+
+/// The primary group of user `uid`, from the password database.
+fn primary_group(uid: libc::uid_t) -> Option<libc::gid_t> {
+    // SAFETY: getpwuid; the result is read at once, before any other call.
+    let entry = unsafe { libc::getpwuid(uid) };
+    // SAFETY: non-null result of getpwuid.
+    (!entry.is_null()).then(|| unsafe { (*entry).pw_gid })
 }
 
 /// Warns when `--listen` asks for more than the kernel grants (`net.core.somaxconn` caps it silently).

@@ -31,9 +31,8 @@ const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
 const READY_FD_ENV: &str = "OXWSGI_READY_FD";
 /// The first descriptor a worker inherits a socket at, after stdin, stdout and stderr.
 const FIRST_INHERITED_FD: RawFd = 3;
-/// Where the master keeps the descriptors it hands down, above anything a worker's fixed numbers
-/// (3, 4, ...) could overwrite while they are being moved into place.
-const HANDOFF_FD_BASE: RawFd = 1000;
+/// `/proc/self/exe`: the binary this process runs, even once the file was replaced or removed.
+const RUNNING_EXECUTABLE: &str = "/proc/self/exe";
 /// First delay before replacing a worker that died soon after starting; doubles up to the maximum, so a
 /// worker crashing at every request does not spin the machine.
 const RESPAWN_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -54,14 +53,20 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// `Some` in a worker started by a master.
+    /// `Some` in a worker started by a master. The descriptor variables are removed, so that programs the
+    /// app starts do not take the descriptors for theirs (the worker id stays: apps may read it).
     pub fn from_env() -> Option<Self> {
         let number = |name| std::env::var(name).ok()?.parse().ok();
-        Some(Self {
+        let inherited = Some(Self {
             worker_id: number(WORKER_ID_ENV)?,
             listen_fds: number(LISTEN_FDS_ENV)?,
             ready_fd: number(READY_FD_ENV).and_then(|fd: usize| RawFd::try_from(fd).ok())?,
-        })
+        });
+        for name in [LISTEN_FDS_ENV, READY_FD_ENV] {
+            // SAFETY: called at start-up, before any other thread exists.
+            unsafe { std::env::remove_var(name) };
+        }
+        inherited
     }
 
     /// The listening sockets, in the order the master holds them.
@@ -77,6 +82,9 @@ impl Inherited {
     /// The channel on which this worker reports to its master. Call once.
     pub fn control(&self) -> Control {
         // SAFETY: the master put our end of the control socket at this descriptor; nothing else uses it.
+        // Close-on-exec, so the app's subprocesses do not inherit it.
+        unsafe { libc::fcntl(self.ready_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: as above.
         Control(std::sync::Mutex::new(unsafe { UnixStream::from_raw_fd(self.ready_fd) }))
     }
 
@@ -142,11 +150,16 @@ impl std::error::Error for MasterError {}
 /// `on_ready` runs once every worker of the first generation accepts.
 pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) -> Result<(), MasterError> {
     let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
+    // The copies handed down sit above the numbers the workers receive them at (3, 4, ..., and the control
+    // socket), so moving them into place never overwrites one.
+    let floor = handoff_floor(sockets.len());
     let handoff = sockets
         .iter()
-        .map(|socket| dup_high(socket.as_raw_fd()))
+        .map(|socket| dup_above(socket.as_raw_fd(), floor))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|err| MasterError(format!("cannot prepare the sockets for the workers: {err}")))?;
+    // From here the master holds only the copies it hands down, and drops them when it stops.
+    drop(sockets);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -156,7 +169,6 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
     if config.server.vacuum {
         server::remove_socket_files(&socket_files);
     }
-    drop(sockets);
     result
 }
 
@@ -170,6 +182,10 @@ enum Event {
         reason: Retirement,
     },
     Harakiri {
+        pid: u32,
+    },
+    /// The harakiri grace is over.
+    Kill {
         pid: u32,
     },
     Exited {
@@ -219,7 +235,7 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Supervisor<'a> {
     config: &'a Config,
-    /// The listening sockets, at descriptors above [`HANDOFF_FD_BASE`].
+    /// The listening sockets, at descriptors above those the workers receive them at.
     handoff: Vec<OwnedFd>,
     socket_files: Vec<PathBuf>,
     workers: HashMap<u32, Worker>,
@@ -292,13 +308,18 @@ impl<'a> Supervisor<'a> {
             server::remove_socket_files(&self.socket_files);
         }
         self.signal_all(libc::SIGTERM);
-        tokio::select! {
-            () = self.wait_all(grace + KILL_AFTER_GRACE) => {}
-            () = next_signal(&mut terminate, &mut interrupt) => {
-                warn!("stop signal received again: stopping the workers now");
-                self.signal_all(libc::SIGKILL);
-                self.wait_all(KILL_AFTER_GRACE).await;
-            }
+        // The sockets close once the last worker stops accepting: a late client is refused at once (and
+        // nginx tries another backend) instead of waiting in a backlog nobody reads, then being reset.
+        self.handoff.clear();
+        let hurry = tokio::select! {
+            () = self.wait_all(grace + KILL_AFTER_GRACE) => false,
+            () = next_signal(&mut terminate, &mut interrupt) => true,
+            _ = quit.recv() => true,
+        };
+        if hurry {
+            warn!("stop signal received again: stopping the workers now");
+            self.signal_all(libc::SIGKILL);
+            self.wait_all(KILL_AFTER_GRACE).await;
         }
         Ok(())
     }
@@ -308,12 +329,13 @@ impl<'a> Supervisor<'a> {
             Event::Ready { pid } => self.on_ready(pid),
             Event::Retire { pid, reason } => self.retire(pid, reason),
             Event::Harakiri { pid } => self.harakiri(pid),
-            Event::Exited { pid, status } => return self.on_exit(pid, &status).await,
-            Event::Respawn { slot } => {
-                if let Err(err) = self.spawn(slot) {
-                    error!("{err}");
+            Event::Kill { pid } => {
+                if self.workers.contains_key(&pid) {
+                    send_signal(pid, libc::SIGKILL);
                 }
             }
+            Event::Exited { pid, status } => return self.on_exit(pid, &status).await,
+            Event::Respawn { slot } => self.spawn_or_retry(slot),
         }
         Ok(())
     }
@@ -327,9 +349,9 @@ impl<'a> Supervisor<'a> {
         if let Some(old) = replaced {
             self.stop_worker(old);
         }
-        if !self.started
-            && self.workers.values().filter(|w| w.ready).count() == self.config.processes.workers.get()
-        {
+        let ready_slots: std::collections::HashSet<usize> =
+            self.workers.values().filter(|w| w.ready && !w.retiring).map(|w| w.slot).collect();
+        if !self.started && ready_slots.len() == self.config.processes.workers.get() {
             self.started = true;
             info!("master ready: {} workers", self.config.processes.workers);
         }
@@ -360,20 +382,31 @@ impl<'a> Supervisor<'a> {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         self.harakiri_count += 1;
         let slot = worker.slot;
+        // A worker already on its way out (reload, recycling) has its successor: none is needed.
+        let successor_exists = worker.retiring || worker.replaced_by.is_some();
         worker.retiring = true;
-        let replacement = worker.replaced_by.take();
+        worker.replaced_by = None;
         error!(
             "harakiri #{} on worker {slot} (pid {pid}): killing it in {HARAKIRI_GRACE:?}",
             self.harakiri_count
         );
+        // Through the supervisor, which kills it only if it has not been reaped (its pid could be reused).
+        let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(HARAKIRI_GRACE).await;
-            send_signal(pid, libc::SIGKILL);
+            let _ = events.send(Event::Kill { pid });
         });
-        if replacement.is_none() {
-            if let Err(err) = self.spawn(slot) {
-                error!("{err}");
-            }
+        if !successor_exists {
+            self.spawn_or_retry(slot);
+        }
+    }
+
+    /// Starts a worker for `slot`; if that fails (fork limits, ...), tries again after the back-off rather
+    /// than leaving the slot empty.
+    fn spawn_or_retry(&mut self, slot: usize) {
+        if let Err(err) = self.spawn(slot) {
+            error!("{err}");
+            self.respawn_later(slot, Duration::ZERO);
         }
     }
 
@@ -461,17 +494,26 @@ impl<'a> Supervisor<'a> {
     fn spawn(&mut self, slot: usize) -> Result<u32, MasterError> {
         let fail = |err: io::Error| MasterError(format!("cannot start worker {slot}: {err}"));
         let (master_end, worker_end) = UnixStream::pair().map_err(fail)?;
-        let worker_end = dup_high(worker_end.as_raw_fd()).map_err(fail)?;
+        let worker_end =
+            dup_above(worker_end.as_raw_fd(), handoff_floor(self.handoff.len())).map_err(fail)?;
         let sources: Vec<RawFd> = self.handoff.iter().map(AsRawFd::as_raw_fd).collect();
         let control_source = worker_end.as_raw_fd();
         let control_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX);
-        let executable = std::env::current_exe().map_err(fail)?;
-        let mut command = std::process::Command::new(executable);
+        // The running binary itself, even if a package upgrade replaced the file on disk since: a worker
+        // must run the master's code. argv[0] stays what the master was started as, for `ps`.
+        let mut command = std::process::Command::new(RUNNING_EXECUTABLE);
         command
+            .arg0(std::env::args_os().next().unwrap_or_else(|| "oxwsgi".into()))
             .args(std::env::args_os().skip(1))
             .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
-            .env(READY_FD_ENV, control_target.to_string());
+            .env(READY_FD_ENV, control_target.to_string())
+            // Only the master talks to systemd.
+            .env_remove("NOTIFY_SOCKET")
+            // Workers are not in the terminal's foreground group: a read of stdin would stop them.
+            .stdin(std::process::Stdio::null());
+        // SAFETY: getpid has no preconditions.
+        let master_pid = unsafe { libc::getpid() };
         // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
         // async-signal-safe, and touches no memory but its own copies of the descriptor numbers.
         unsafe {
@@ -487,6 +529,10 @@ impl<'a> Supervisor<'a> {
                 // A worker must not outlive its master (killed with SIGKILL, say): it stops gracefully.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // The master may have died before the line above took effect.
+                if libc::getppid() != master_pid {
+                    return Err(io::Error::from(io::ErrorKind::BrokenPipe));
                 }
                 // Out of the terminal's process group: Ctrl-C reaches the master alone, which stops the
                 // workers gracefully (a worker seeing both Ctrl-C and the master's SIGTERM would take the
@@ -566,6 +612,9 @@ impl<'a> Supervisor<'a> {
                         info!("worker {} (pid {pid}) {}", worker.slot, describe_exit(&status));
                     }
                 }
+                Ok(Some(Event::Kill { pid })) if self.workers.contains_key(&pid) => {
+                    send_signal(pid, libc::SIGKILL);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     warn!("{} workers still running after {limit:?}: killing them", self.workers.len());
@@ -612,10 +661,15 @@ fn describe_exit(status: &io::Result<ExitStatus>) -> String {
     }
 }
 
-/// A close-on-exec duplicate of `fd` at or above [`HANDOFF_FD_BASE`].
-fn dup_high(fd: RawFd) -> io::Result<OwnedFd> {
+/// The lowest descriptor a handed-down copy may use: above 3..3+sockets and the control socket.
+fn handoff_floor(sockets: usize) -> RawFd {
+    FIRST_INHERITED_FD + RawFd::try_from(sockets).unwrap_or(RawFd::MAX - 8) + 1
+}
+
+/// A close-on-exec duplicate of `fd` at or above `floor`.
+fn dup_above(fd: RawFd, floor: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we own returns a new descriptor or -1.
-    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HANDOFF_FD_BASE) };
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
     if duplicate < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -55,6 +55,13 @@ fn uid_and_gid_drop_privileges_before_the_app_loads() {
 }
 
 #[test]
+fn uid_alone_takes_the_users_primary_group() {
+    let server = Server::builder().app(app_path("deploy_app.py")).args(&["--uid", "nobody"]).start();
+    let response = server.get("/");
+    assert_eq!(response.body_text(), format!("uid={NOBODY} gid={NOBODY} loaded_as={NOBODY}"), "{response:?}");
+}
+
+#[test]
 fn a_listen_backlog_over_somaxconn_is_warned_about() {
     let somaxconn: u64 =
         std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();

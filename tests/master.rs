@@ -194,3 +194,36 @@ fn no_vacuum_leaves_the_socket_file() {
     assert!(server.terminate().success());
     assert!(socket_file.exists(), "--no-vacuum must leave the socket file");
 }
+
+/// The master's children (its workers), from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_harakiri_during_a_reload_does_not_add_a_worker() {
+    let server = start(&["--harakiri", "2", "--graceful-timeout", "20"]);
+    let started = temp_dir().join("started");
+    let request = support::RequestBuilder::get(&format!("/sleep?ms=8000&started={}", started.display()));
+    let mut in_flight = server.connect();
+    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
+    for _ in 0..POLL_TRIES {
+        if started.exists() {
+            break;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    assert!(started.exists(), "the request never reached the app");
+    // The reload retires the busy worker; its request then outlives --harakiri while it retires.
+    server.signal("HUP");
+    server.wait_log("harakiri #1");
+    server.wait_log("retired: it was killed by signal 9");
+    assert_eq!(children(server.pid()).len(), 1, "one slot, one worker; log:\n{}", server.log());
+    // The first worker and the reload's replacement: harakiri started no third one.
+    assert_eq!(server.log().matches("worker 1 started (pid").count(), 2, "{}", server.log());
+}

@@ -1228,3 +1228,34 @@ fn vm_rss_kib(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("a VmRSS line");
     line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("VmRSS in kB")
 }
+
+#[test]
+fn the_graceful_timeout_bounds_a_stop_even_when_every_thread_is_busy() {
+    let mut server = Server::builder()
+        .app(app_path("workers_app.py"))
+        .args(&["--threads", "1", "--graceful-timeout", "1"])
+        .start();
+    let started = temp_dir().join("started");
+    // Two 60 s requests hold both connections the one thread takes; the first says when it is running.
+    let mut busy: Vec<_> =
+        [format!("/sleep?ms=60000&started={}", started.display()), "/sleep?ms=60000".into()]
+            .iter()
+            .map(|path| {
+                let mut conn = server.connect();
+                conn.write_all(&RequestBuilder::get(path).encode()).unwrap();
+                conn
+            })
+            .collect();
+    for _ in 0..support::POLL_TRIES {
+        if started.exists() {
+            break;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+    }
+    assert!(started.exists(), "the request never reached the app");
+    server.signal("TERM");
+    // Well before the requests would end: the graceful timeout (1 s) plus the 10 s the Python threads get.
+    let status = server.wait_exit(support::POLL_TRIES * 6);
+    assert!(status.success(), "{status}");
+    busy.clear();
+}

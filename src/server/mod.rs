@@ -57,7 +57,8 @@ pub async fn run(
     let socket_files: Vec<PathBuf> =
         listeners.iter().filter_map(|(listener, _)| listener.socket_file().map(Path::to_path_buf)).collect();
     let limits = AcceptLimits { capacity: handler.capacity(), max_requests: config.max_requests };
-    let accepting = tokio::spawn(accept_loop(listeners, limits, retire, stop.clone(), connections.clone()));
+    let mut accepting =
+        tokio::spawn(accept_loop(listeners, limits, retire, stop.clone(), connections.clone()));
     info!("ready: listening on {}", names.join(", "));
     ready();
     shutdown.await;
@@ -68,10 +69,16 @@ pub async fn run(
         remove_socket_files(&socket_files);
     }
     stop.cancel();
-    let _ = accepting.await;
-    connections.close();
+    // One deadline for both: taking what is queued (which waits for free threads) and finishing it.
     let grace = config.graceful_timeout;
-    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+    let drained = tokio::time::timeout(grace, async {
+        let _ = (&mut accepting).await;
+        connections.close();
+        connections.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        accepting.abort();
         warn!("{} requests still running after {grace:?}; stopping anyway", connections.len());
     }
     Ok(())
