@@ -228,6 +228,9 @@ struct Worker {
     replaced_by: Option<u32>,
     /// Told to stop: its exit is expected.
     retiring: bool,
+    /// Due for replacement (for this reason) but its last replacement failed to start: tried again, from
+    /// `retry_at` on, with the back-off, so a broken app on disk is not re-imported every second.
+    pending: Option<(Retirement, Instant)>,
 }
 
 /// How often the master checks memory and lifetimes.
@@ -361,7 +364,8 @@ impl<'a> Supervisor<'a> {
     /// request finds nobody accepting).
     fn retire(&mut self, pid: u32, reason: Retirement) {
         let Some(worker) = self.workers.get(&pid) else { return };
-        if worker.retiring || worker.replaced_by.is_some() || !worker.ready {
+        let backing_off = worker.pending.is_some_and(|(_, retry_at)| Instant::now() < retry_at);
+        if worker.retiring || worker.replaced_by.is_some() || !worker.ready || backing_off {
             return;
         }
         let slot = worker.slot;
@@ -370,6 +374,9 @@ impl<'a> Supervisor<'a> {
             Ok(new) => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
                     worker.replaced_by = Some(new);
+                    // A failed reload is not retried on its own: the operator fixes the code and sends
+                    // SIGHUP again. Recycling is retried.
+                    worker.pending = (reason != Retirement::Reload).then(|| (reason, Instant::now()));
                 }
             }
             Err(err) => error!("{err}; worker {slot} (pid {pid}) keeps running"),
@@ -425,14 +432,15 @@ impl<'a> Supervisor<'a> {
 
     fn check_limits(&mut self) {
         let recycle = self.config.processes.recycle;
-        if recycle.reload_on_rss.is_none() && recycle.max_worker_lifetime.is_none() {
-            return;
-        }
         let due: Vec<(u32, Retirement)> = self
             .workers
             .iter()
             .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
             .filter_map(|(&pid, w)| {
+                // A retirement whose replacement failed (--max-requests is asked for only once).
+                if let Some((reason, _)) = w.pending {
+                    return Some((pid, reason));
+                }
                 if recycle.max_worker_lifetime.is_some_and(|limit| w.started.elapsed() >= limit) {
                     return Some((pid, Retirement::Lifetime));
                 }
@@ -457,8 +465,11 @@ impl<'a> Supervisor<'a> {
             error!("worker {slot} (pid {pid}) could not start: it {how}");
             let replaced = self.workers.values_mut().find(|w| w.replaced_by == Some(pid));
             if let Some(old) = replaced {
-                // A broken reload keeps the old code serving.
+                // A broken reload keeps the old code serving; recycling is tried again after the back-off.
                 old.replaced_by = None;
+                let retry_at = Instant::now() + self.backoff;
+                old.pending = old.pending.map(|(reason, _)| (reason, retry_at));
+                self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
                 warn!("worker {slot} keeps running the code it loaded before");
                 return Ok(());
             }
@@ -546,8 +557,14 @@ impl<'a> Supervisor<'a> {
         let mut child = tokio::process::Command::from(command).kill_on_drop(false).spawn().map_err(fail)?;
         drop(worker_end);
         let pid = child.id().unwrap_or_default();
-        let worker =
-            Worker { slot, started: Instant::now(), ready: false, replaced_by: None, retiring: false };
+        let worker = Worker {
+            slot,
+            started: Instant::now(),
+            ready: false,
+            replaced_by: None,
+            retiring: false,
+            pending: None,
+        };
         self.workers.insert(pid, worker);
         info!("worker {slot} started (pid {pid})");
         master_end.set_nonblocking(true).map_err(fail)?;
