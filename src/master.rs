@@ -247,6 +247,8 @@ struct Supervisor<'a> {
     backoff: Duration,
     /// Harakiri kills so far (logged with each; the metrics issue exports it).
     harakiri_count: u64,
+    /// Workers that were starting when a SIGHUP came: replaced once they are ready.
+    reload_when_ready: std::collections::HashSet<u32>,
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
@@ -262,6 +264,7 @@ impl<'a> Supervisor<'a> {
             socket_files,
             workers: HashMap::new(),
             harakiri_count: 0,
+            reload_when_ready: std::collections::HashSet::new(),
             events,
             inbox,
             backoff,
@@ -352,6 +355,9 @@ impl<'a> Supervisor<'a> {
         if let Some(old) = replaced {
             self.stop_worker(old);
         }
+        if self.reload_when_ready.remove(&pid) {
+            self.retire(pid, Retirement::Reload);
+        }
         let ready_slots: std::collections::HashSet<usize> =
             self.workers.values().filter(|w| w.ready && !w.retiring).map(|w| w.slot).collect();
         if !self.started && ready_slots.len() == self.config.processes.workers.get() {
@@ -424,7 +430,14 @@ impl<'a> Supervisor<'a> {
             .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
             .map(|(&pid, _)| pid)
             .collect();
-        info!("SIGHUP received: replacing {} workers with ones that load the app anew", current.len());
+        // Workers still starting (a replacement, a respawn) may have imported the code before this SIGHUP:
+        // they are replaced too, as soon as they are ready.
+        let starting: Vec<u32> = self.workers.iter().filter(|(_, w)| !w.ready).map(|(&pid, _)| pid).collect();
+        info!(
+            "SIGHUP received: replacing {} workers with ones that load the app anew",
+            current.len() + starting.len()
+        );
+        self.reload_when_ready.extend(starting);
         for pid in current {
             self.retire(pid, Retirement::Reload);
         }
@@ -455,6 +468,7 @@ impl<'a> Supervisor<'a> {
     }
 
     async fn on_exit(&mut self, pid: u32, status: &io::Result<ExitStatus>) -> Result<(), MasterError> {
+        self.reload_when_ready.remove(&pid);
         let Some(worker) = self.workers.remove(&pid) else { return Ok(()) };
         let (slot, how) = (worker.slot, describe_exit(status));
         if worker.retiring {

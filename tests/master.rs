@@ -227,3 +227,28 @@ fn a_harakiri_during_a_reload_does_not_add_a_worker() {
     // The first worker and the reload's replacement: harakiri started no third one.
     assert_eq!(server.log().matches("worker 1 started (pid").count(), 2, "{}", server.log());
 }
+
+#[test]
+fn a_second_sighup_during_a_reload_replaces_the_workers_still_starting() {
+    let server = Server::builder()
+        .app(app_path("workers_app.py"))
+        .env("WORKERS_APP_IMPORT_SECONDS", "1")
+        .args(&["--master"])
+        .start();
+    server.wait_log("master ready");
+    server.signal("HUP");
+    server.wait_log("replacing worker 1");
+    // The replacement is still importing: a second SIGHUP must not leave it running the code it imported
+    // before this signal.
+    server.signal("HUP");
+    for _ in 0..POLL_TRIES * 2 {
+        if server.log().matches("retired").count() >= 2 {
+            break;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    let log = server.log();
+    assert_eq!(log.matches("worker 1 started (pid").count(), 3, "{log}");
+    assert!(log.matches("retired").count() >= 2, "{log}");
+    assert_eq!(children(server.pid()).len(), 1, "{log}");
+}

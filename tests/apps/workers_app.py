@@ -5,6 +5,9 @@ import os
 import time
 from urllib.parse import parse_qs
 
+# A slow import, so a test can send a signal while a worker is still starting.
+time.sleep(float(os.environ.get("WORKERS_APP_IMPORT_SECONDS", "0")))
+
 
 def application(environ, start_response):
     query = parse_qs(environ["QUERY_STRING"])
