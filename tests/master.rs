@@ -26,6 +26,21 @@ fn served_by(server: &Server, path: &str) -> u32 {
     pid.parse().expect("a numeric pid")
 }
 
+/// Sends `/sleep?ms=MILLISECONDS` and returns its connection once the request is inside the app.
+fn sleeping_request(server: &Server, milliseconds: u64) -> support::Conn {
+    let started = temp_dir().join("started");
+    let path = format!("/sleep?ms={milliseconds}&started={}", started.display());
+    let mut conn = server.connect();
+    std::io::Write::write_all(&mut conn, &support::RequestBuilder::get(&path).encode()).unwrap();
+    for _ in 0..POLL_TRIES {
+        if started.exists() {
+            return conn;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    panic!("the request never reached the app; log:\n{}", server.log());
+}
+
 fn is_running(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -85,22 +100,7 @@ fn sigterm_finishes_in_flight_requests_and_stops_every_worker() {
         }
     }
     assert_eq!(workers.len(), 2, "only {workers:?} answered; log:\n{}", server.log());
-    let started = temp_dir().join("started");
-    let request = support::RequestBuilder::get(&format!("/sleep?ms=1500&started={}", started.display()));
-    let mut in_flight = server.connect();
-    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
-    for _ in 0..POLL_TRIES {
-        if started.exists() {
-            break;
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-    assert!(
-        started.exists(),
-        "the request never reached the app; log:
-{}",
-        server.log()
-    );
+    let mut in_flight = sleeping_request(&server, 1500);
     let status = server.terminate();
     assert!(status.success(), "{status}; log:\n{}", server.log());
     let answer =
@@ -168,17 +168,7 @@ fn a_worker_over_its_memory_limit_is_replaced() {
 #[test]
 fn sigquit_stops_the_workers_at_once() {
     let mut server = start(&["--processes", "2"]);
-    let started = temp_dir().join("started");
-    let request = support::RequestBuilder::get(&format!("/sleep?ms=30000&started={}", started.display()));
-    let mut in_flight = server.connect();
-    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
-    for _ in 0..POLL_TRIES {
-        if started.exists() {
-            break;
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-    assert!(started.exists(), "the request never reached the app");
+    let mut in_flight = sleeping_request(&server, 30000);
     server.signal("QUIT");
     let status = server.wait_exit(POLL_TRIES);
     assert!(status.success(), "{status}");
@@ -208,18 +198,8 @@ fn children(pid: u32) -> Vec<u32> {
 #[test]
 fn a_harakiri_during_a_reload_does_not_add_a_worker() {
     let server = start(&["--harakiri", "2", "--graceful-timeout", "20"]);
-    let started = temp_dir().join("started");
-    let request = support::RequestBuilder::get(&format!("/sleep?ms=8000&started={}", started.display()));
-    let mut in_flight = server.connect();
-    std::io::Write::write_all(&mut in_flight, &request.encode()).unwrap();
-    for _ in 0..POLL_TRIES {
-        if started.exists() {
-            break;
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-    assert!(started.exists(), "the request never reached the app");
-    // The reload retires the busy worker; its request then outlives --harakiri while it retires.
+    let _in_flight = sleeping_request(&server, 8000); // kept open while the worker is stuck
+                                                      // The reload retires the busy worker; its request then outlives --harakiri while it retires.
     server.signal("HUP");
     server.wait_log("harakiri #1");
     server.wait_log("retired: it was killed by signal 9");
