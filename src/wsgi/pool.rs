@@ -1,9 +1,10 @@
 //! The pool of Python threads: each attaches to the interpreter once, waits for jobs with the interpreter
 //! released, runs the app for one request, and sends its [`Reply`] back to the connection.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,15 +37,61 @@ struct Job {
 }
 
 /// The pool's queue, shared with the response buffers that need a thread to free them.
+///
+/// A mutex and a condition variable rather than a channel: an idle thread sleeps at once instead of
+/// spinning and yielding first, which on a 2-core machine took CPU from the I/O thread and nginx. Measured
+/// with wrk through nginx, hello world, one thread, alternating runs: about 22k requests/s with a crossbeam
+/// channel, 29k with this; no change for a Flask app.
 pub(super) struct Queue {
-    sender: Mutex<Option<crossbeam_channel::Sender<Task>>>,
+    state: Mutex<QueueState>,
+    ready: Condvar,
     collect_pending: AtomicBool,
 }
 
+struct QueueState {
+    tasks: VecDeque<Task>,
+    /// No more tasks are taken; the queued ones still run.
+    closed: bool,
+}
+
 impl Queue {
+    fn new() -> Self {
+        let state = QueueState { tasks: VecDeque::new(), closed: false };
+        Self { state: Mutex::new(state), ready: Condvar::new(), collect_pending: AtomicBool::new(false) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn send(&self, task: Task) -> Result<(), Rejected> {
-        let sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        sender.as_ref().ok_or(Rejected)?.send(task).map_err(|_| Rejected)
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Rejected);
+        }
+        state.tasks.push_back(task);
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next task, waiting for one; `None` once closed and empty.
+    fn recv(&self) -> Option<Task> {
+        let mut state = self.lock();
+        loop {
+            if let Some(task) = state.tasks.pop_front() {
+                return Some(task);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
     }
 
     /// Asks one thread to free what the I/O side released; at most one such request is queued at a time.
@@ -76,17 +123,15 @@ impl Pool {
                 pyo3::exceptions::PyOSError::new_err(format!("cannot start the harakiri watchdog: {e}"))
             })?;
         }
-        let (sender, receiver) = crossbeam_channel::unbounded::<Task>();
-        let queue =
-            Arc::new(Queue { sender: Mutex::new(Some(sender)), collect_pending: AtomicBool::new(false) });
+        let queue = Arc::new(Queue::new());
         let handles = (0..threads)
             .map(|index| {
-                let (app, queue, receiver) = (Arc::clone(&app), Arc::clone(&queue), receiver.clone());
+                let (app, queue) = (Arc::clone(&app), Arc::clone(&queue));
                 let board = Arc::clone(&board);
                 let thread = PoolThread { index, app, queue, board };
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_jobs(py, &thread, &receiver, config)))
+                    .spawn(move || Python::attach(|py| serve_jobs(py, &thread, config)))
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
@@ -97,7 +142,7 @@ impl Pool {
     /// `close()`, where frameworks run their teardown hooks) for up to `grace`, then runs the app's `atexit`
     /// handlers if every thread finished. Returns whether they did.
     pub fn shutdown(&self, grace: Duration) -> bool {
-        drop(self.queue.sender.lock().unwrap_or_else(PoisonError::into_inner).take());
+        self.queue.close();
         let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         let deadline = Instant::now() + grace;
         while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
@@ -135,12 +180,7 @@ struct PoolThread {
     board: Arc<Board>,
 }
 
-fn serve_jobs(
-    py: Python<'_>,
-    thread: &PoolThread,
-    receiver: &crossbeam_channel::Receiver<Task>,
-    config: PoolConfig,
-) {
+fn serve_jobs(py: Python<'_>, thread: &PoolThread, config: PoolConfig) {
     thread.board.register_thread(thread.index, py);
     // Per thread, so `wsgi.errors` lines from different threads never interleave.
     let environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
@@ -150,7 +190,7 @@ fn serve_jobs(
             return;
         }
     };
-    while let Ok(task) = py.detach(|| receiver.recv()) {
+    while let Some(task) = py.detach(|| thread.queue.recv()) {
         match task {
             Task::Run(job) => {
                 // A bug of ours must cost one request, not a thread of the pool.
