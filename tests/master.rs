@@ -41,6 +41,18 @@ fn sleeping_request(server: &Server, milliseconds: u64) -> support::Conn {
     panic!("the request never reached the app; log:\n{}", server.log());
 }
 
+/// The pids of the two workers, found by sending requests until both answered.
+fn two_workers(server: &Server) -> BTreeSet<u32> {
+    let mut pids = BTreeSet::new();
+    for _ in 0..SEARCH_REQUESTS {
+        pids.insert(served_by(server, "/"));
+        if pids.len() == 2 {
+            return pids;
+        }
+    }
+    panic!("only {pids:?} answered {SEARCH_REQUESTS} requests; log:\n{}", server.log());
+}
+
 fn is_running(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -55,14 +67,7 @@ fn several_workers_share_the_sockets() {
     let server = start(&["--processes", "2"]);
     let response = server.get("/");
     assert!(response.body_text().ends_with("multiprocess=True"), "{response:?}");
-    let mut pids = BTreeSet::new();
-    for _ in 0..SEARCH_REQUESTS {
-        pids.insert(served_by(&server, "/"));
-        if pids.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(pids.len(), 2, "only {pids:?} answered {SEARCH_REQUESTS} requests; log:\n{}", server.log());
+    let pids = two_workers(&server);
     assert!(!pids.contains(&server.pid()), "the master must not serve requests itself");
 }
 
@@ -92,14 +97,7 @@ fn a_killed_worker_is_replaced() {
 fn sigterm_finishes_in_flight_requests_and_stops_every_worker() {
     let mut server = start(&["--processes", "2"]);
     let support::Addr::Unix(socket_file) = server.addr.clone() else { unreachable!("Unix by default") };
-    let mut workers = BTreeSet::new();
-    for _ in 0..SEARCH_REQUESTS {
-        workers.insert(served_by(&server, "/"));
-        if workers.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(workers.len(), 2, "only {workers:?} answered; log:\n{}", server.log());
+    let workers = two_workers(&server);
     let mut in_flight = sleeping_request(&server, 1500);
     let status = server.terminate();
     assert!(status.success(), "{status}; log:\n{}", server.log());
