@@ -1,0 +1,3 @@
+//! Metrics: what the master reads and exports for Prometheus.
+
+pub mod listen_queue;
