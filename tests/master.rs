@@ -10,8 +10,13 @@ use std::thread;
 
 use support::{app_path, run_to_exit, temp_dir, Server, POLL_INTERVAL, POLL_TRIES};
 
-/// Requests sent while looking for an eventual condition (a second worker, a replacement).
+/// Requests sent while looking for an eventual condition (a replacement).
 const SEARCH_REQUESTS: usize = 400;
+/// Slow requests sent at once to find both workers: more than the two connections one single-threaded
+/// worker takes.
+const CONCURRENT_REQUESTS: usize = 5;
+/// Rounds of them before giving up (one is enough unless a worker is still starting).
+const SEARCH_ROUNDS: usize = 20;
 
 fn start(args: &[&str]) -> Server {
     Server::builder().app(app_path("workers_app.py")).args(args).start()
@@ -19,7 +24,10 @@ fn start(args: &[&str]) -> Server {
 
 /// The pid in the app's answer to `path`.
 fn served_by(server: &Server, path: &str) -> u32 {
-    let response = server.get(path);
+    pid_in(&server.get(path))
+}
+
+fn pid_in(response: &support::Response) -> u32 {
     assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
     let text = response.body_text();
     let pid = text.split_whitespace().find_map(|field| field.strip_prefix("pid=")).expect("a pid field");
@@ -41,16 +49,30 @@ fn sleeping_request(server: &Server, milliseconds: u64) -> support::Conn {
     panic!("the request never reached the app; log:\n{}", server.log());
 }
 
-/// The pids of the two workers, found by sending requests until both answered.
+/// The pids of the two workers. Sequential requests may all go to the same worker (whichever the kernel
+/// wakes first can win every time), so slow requests go at once, more than one worker takes: each worker
+/// holds two connections per thread, and the rest wait in the backlog for the other worker.
 fn two_workers(server: &Server) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
-    for _ in 0..SEARCH_REQUESTS {
-        pids.insert(served_by(server, "/"));
+    for _ in 0..SEARCH_ROUNDS {
+        let connections: Vec<support::Conn> = (0..CONCURRENT_REQUESTS)
+            .map(|_| {
+                let mut conn = server.connect();
+                std::io::Write::write_all(&mut conn, &support::RequestBuilder::get("/sleep?ms=200").encode())
+                    .unwrap();
+                conn
+            })
+            .collect();
+        for mut conn in connections {
+            let raw = conn.read_to_end_result().unwrap_or_else(|(err, _)| panic!("request lost: {err}"));
+            let response = support::Response::parse(raw).expect("an HTTP response");
+            pids.insert(pid_in(&response));
+        }
         if pids.len() == 2 {
             return pids;
         }
     }
-    panic!("only {pids:?} answered {SEARCH_REQUESTS} requests; log:\n{}", server.log());
+    panic!("only {pids:?} answered; log:\n{}", server.log());
 }
 
 fn is_running(pid: u32) -> bool {
