@@ -5,7 +5,7 @@
 //! - [`config`]: command-line options, validated once into typed config.
 //! - [`deploy`]: systemd socket activation and notification, pidfile, socket owner, privilege drop.
 //! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them.
-//! - [`metrics`]: what the master exports to Prometheus, such as the kernel's listen-queue depth.
+//! - [`metrics`]: what workers count in shared memory, and the master's `/metrics` and `--stats`.
 //! - [`server`]: tokio — listeners, connections, the uwsgi packet in and the HTTP response out. No pyo3.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads. The only pyo3 user.
 //! - [`exchange`]: the request and reply messages between the two.

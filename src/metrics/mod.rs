@@ -1,3 +1,21 @@
-//! Metrics: what the master reads and exports for Prometheus.
+//! Metrics across processes: workers count into cells of a shared-memory region, the master sums the cells
+//! when scraped and serves them as Prometheus metrics (`--metrics`) and as uWSGI's stats document
+//! (`--stats`). No pyo3 and no per-request I/O here.
+//!
+//! - [`layout`]: what a worker counts, as plain words (the cell), and the label sets.
+//! - [`region`]: the shared memory itself, the worker's [`Recorder`] and the master's [`Cells`].
+//! - [`exposition`]: the Prometheus text document (pure).
+//! - [`stats`]: the uWSGI stats JSON document (pure).
+//! - [`listen_queue`]: accept-queue depth of a listening socket, from the kernel.
+//! - [`books`]: the master's side: the cells plus what only the master knows, into those documents.
+//! - [`endpoint`]: the master's `/metrics` HTTP endpoint and stats socket.
 
+pub mod books;
+pub mod endpoint;
+pub mod exposition;
+pub mod layout;
 pub mod listen_queue;
+pub mod region;
+pub mod stats;
+
+pub use region::{Cells, Recorder, Region, RequestDone};

@@ -1,0 +1,369 @@
+//! The shared-memory region of worker cells: the master creates it (a memfd) before starting any worker, and
+//! hands each worker the descriptor and the number of its cell. The worker counts in its cell with relaxed
+//! atomic adds — no system call, lock or message per request — and the master reads the cells when scraped.
+//!
+//! A cell outlives its worker: when a worker exits, the master adds its counters into the totals of the
+//! dead ([`Cells::release`]), then zeroes the cell for the next worker, so counters never go backwards.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::layout::{self, Counters, Method, ProtocolErrorKind, WorkerCell, TRACKED_THREADS};
+
+/// Cells per `--processes`: a worker and its replacement overlap during a reload or a recycle, and a
+/// harakiri'd worker still holds its cell while its replacement starts (and may itself be reloaded). A
+/// worker that finds no free cell serves uncounted (logged); cells not in use cost only address space.
+pub const CELLS_PER_WORKER: usize = 4;
+
+type LiveCell = WorkerCell<AtomicU64>;
+
+/// The mapped region: `len` cells, shared with every worker.
+pub struct Region {
+    fd: OwnedFd,
+    cells: NonNull<LiveCell>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only ever accessed through atomics (`LiveCell` is words of `AtomicU64`).
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// A new region of `len` zeroed cells.
+    pub fn create(len: usize) -> io::Result<Self> {
+        // SAFETY: the name is a NUL-terminated string; the flags are valid.
+        let fd = unsafe { libc::memfd_create(c"oxwsgi-metrics".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let bytes = len.checked_mul(size_of::<LiveCell>()).ok_or(io::ErrorKind::InvalidInput)?;
+        let size = libc::off_t::try_from(bytes).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: ftruncate on a descriptor we own; a memfd grows with zeroed pages.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(fd, len)
+    }
+
+    /// Maps the region a master created, from its inherited descriptor.
+    ///
+    /// # Safety
+    /// `fd` must be a region descriptor from [`Region::create`] that nothing else in this process owns.
+    pub unsafe fn inherit(fd: RawFd) -> io::Result<Self> {
+        // SAFETY: the caller hands us the descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fstat fills the struct it is given.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `stat` is a valid out-pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut stat) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let bytes = usize::try_from(stat.st_size).map_err(|_| io::ErrorKind::InvalidData)?;
+        if bytes == 0 || bytes % size_of::<LiveCell>() != 0 {
+            // Another build of oxwsgi made it (the cell layout differs): counting into it would corrupt it.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the metrics region has another layout"));
+        }
+        // Close-on-exec from now on, so the app's subprocesses do not inherit it.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Self::map(fd, bytes / size_of::<LiveCell>())
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
+        let bytes = len * size_of::<LiveCell>();
+        // SAFETY: a fresh shared mapping of the whole file, which is `bytes` long.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let cells = NonNull::new(address.cast::<LiveCell>()).ok_or(io::ErrorKind::AddrNotAvailable)?;
+        Ok(Self { fd, cells, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The descriptor to hand to workers.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Cell `index`; `None` past the end.
+    pub fn cell(&self, index: usize) -> Option<&LiveCell> {
+        // SAFETY: in bounds; the mapping lives as long as `self`, is page-aligned (so aligned for u64) and
+        // every bit pattern is a valid `LiveCell`.
+        (index < self.len).then(|| unsafe { &*self.cells.as_ptr().add(index) })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped; no reference into it outlives `self`.
+        unsafe { libc::munmap(self.cells.as_ptr().cast(), self.len * size_of::<LiveCell>()) };
+    }
+}
+
+/// The master's bookkeeping of which cells are in use, and the totals of the workers that died.
+pub struct Cells {
+    region: Region,
+    in_use: Vec<bool>,
+    retired: Box<Counters<u64>>,
+}
+
+impl Cells {
+    pub fn new(region: Region) -> Self {
+        let in_use = vec![false; region.len()];
+        Self { region, in_use, retired: layout::zeroed() }
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// A free cell for a new worker, if any.
+    pub fn assign(&mut self) -> Option<usize> {
+        let index = self.in_use.iter().position(|used| !used)?;
+        self.in_use[index] = true;
+        Some(index)
+    }
+
+    /// The worker of cell `index` has exited (it writes no more): its counters join the totals, and the
+    /// cell is zeroed for the next worker.
+    pub fn release(&mut self, index: usize) {
+        let Some(cell) = self.region.cell(index) else { return };
+        if !std::mem::replace(&mut self.in_use[index], false) {
+            return;
+        }
+        layout::add_into(&mut *self.retired, &cell.counters);
+        layout::reset(cell);
+    }
+
+    /// Every counter so far: the dead workers' totals plus the live cells.
+    pub fn counters(&self) -> Box<Counters<u64>> {
+        let mut total = layout::zeroed::<Counters<u64>>();
+        layout::add_into(&mut *total, &*self.retired);
+        for cell in self.live() {
+            layout::add_into(&mut *total, &cell.counters);
+        }
+        total
+    }
+
+    /// One live cell's counters and gauges, read now.
+    pub fn snapshot(&self, index: usize) -> Option<Box<WorkerCell<u64>>> {
+        let cell = self.region.cell(index).filter(|_| self.in_use[index])?;
+        let mut snapshot = layout::zeroed::<WorkerCell<u64>>();
+        layout::add_into(&mut *snapshot, cell);
+        Some(snapshot)
+    }
+
+    /// The sum of the live workers' gauges: (in flight, threads, busy threads).
+    pub fn gauges(&self) -> (u64, u64, u64) {
+        self.live().fold((0, 0, 0), |(in_flight, threads, busy), cell| {
+            let gauges = &cell.gauges;
+            (
+                in_flight + gauges.in_flight.load(Ordering::Relaxed),
+                threads + gauges.threads.load(Ordering::Relaxed),
+                busy + gauges.busy_threads.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    fn live(&self) -> impl Iterator<Item = &LiveCell> {
+        self.in_use.iter().enumerate().filter(|(_, used)| **used).filter_map(|(i, _)| self.region.cell(i))
+    }
+}
+
+/// A worker's handle on its cell; does nothing without one (no `--metrics` or `--stats`, or no master).
+/// Copied freely: the cell lives as long as the process.
+#[derive(Clone, Copy, Default)]
+pub struct Recorder(Option<&'static LiveCell>);
+
+impl Recorder {
+    pub const fn disabled() -> Self {
+        Self(None)
+    }
+
+    /// Counts into `cell` of `region` for the rest of the process's life.
+    pub fn new(region: Region, cell: usize) -> io::Result<Self> {
+        if region.cell(cell).is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "metrics cell out of range"));
+        }
+        // The worker counts until it exits: the mapping is never unmapped.
+        let region: &'static Region = Box::leak(Box::new(region));
+        Ok(Self(region.cell(cell)))
+    }
+
+    pub fn is_enabled(self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Counts a connection in flight until the guard drops.
+    pub fn in_flight(self) -> InFlight {
+        if let Some(cell) = self.0 {
+            cell.gauges.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        InFlight(self.0)
+    }
+
+    pub fn protocol_error(self, kind: ProtocolErrorKind) {
+        if let Some(cell) = self.0 {
+            cell.counters.protocol_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A request the app answered, once its response is written (or failed to be).
+    pub fn request_done(self, done: &RequestDone) {
+        let Some(cell) = self.0 else { return };
+        let counters = &cell.counters;
+        let status = usize::from(done.status.saturating_sub(layout::FIRST_STATUS));
+        if let Some(count) = counters.requests[done.method as usize].get(status) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.request_duration.observe(done.duration);
+        counters.request_body_bytes.fetch_add(done.body_bytes, Ordering::Relaxed);
+        counters.response_bytes.fetch_add(done.response_bytes, Ordering::Relaxed);
+        if done.write_failed {
+            counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The worker's pool has `threads` Python threads.
+    pub fn threads(self, threads: usize) {
+        if let Some(cell) = self.0 {
+            cell.gauges.threads.store(threads as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Python thread `thread` takes a request that waited `queued` since it was accepted.
+    pub fn app_started(self, thread: usize, queued: Duration) {
+        let Some(cell) = self.0 else { return };
+        cell.counters.queue_wait.observe(queued);
+        cell.gauges.busy_threads.fetch_add(1, Ordering::Relaxed);
+        if let Some(thread) = cell.gauges.thread_cells.get(thread) {
+            thread.busy.store(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Python thread `thread` is done with its request, after `ran` in the app; `raised` if the app failed.
+    pub fn app_finished(self, thread: usize, ran: Duration, raised: bool) {
+        let Some(cell) = self.0 else { return };
+        cell.counters.app_duration.observe(ran);
+        if raised {
+            cell.counters.app_exceptions.fetch_add(1, Ordering::Relaxed);
+        }
+        cell.gauges.busy_threads.fetch_sub(1, Ordering::Relaxed);
+        if let Some(thread) = cell.gauges.thread_cells.get(thread) {
+            thread.busy.store(0, Ordering::Relaxed);
+            thread.requests.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A finished request, as counted.
+pub struct RequestDone {
+    pub method: Method,
+    pub status: u16,
+    /// Accepted → response written.
+    pub duration: Duration,
+    pub body_bytes: u64,
+    pub response_bytes: u64,
+    pub write_failed: bool,
+}
+
+/// Keeps one connection counted in flight.
+pub struct InFlight(Option<&'static LiveCell>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(cell) = self.0 {
+            cell.gauges.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+const _: () = assert!(TRACKED_THREADS > 0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_workers_counts_stay_in_the_totals() {
+        let mut cells = Cells::new(Region::create(2).unwrap());
+        let first = cells.assign().unwrap();
+        let worker = Recorder(cells.region().cell(first).map(|c| {
+            // SAFETY (test): the region outlives every use below.
+            unsafe { &*std::ptr::from_ref(c) }
+        }));
+        let done = RequestDone {
+            method: Method::Get,
+            status: 200,
+            duration: Duration::from_millis(3),
+            body_bytes: 5,
+            response_bytes: 100,
+            write_failed: false,
+        };
+        worker.request_done(&done);
+        worker.request_done(&done);
+        let in_flight = worker.in_flight();
+        assert_eq!(cells.gauges().0, 1);
+        assert_eq!(cells.counters().total_requests(), 2);
+        cells.release(first);
+        assert_eq!(cells.counters().total_requests(), 2, "folded, not lost");
+        assert_eq!(cells.counters().request_duration.count(), 2);
+        assert_eq!(cells.gauges().0, 0, "a dead worker has nothing in flight");
+        // The next worker in the same cell starts from zero; the totals keep growing.
+        assert_eq!(cells.assign(), Some(first));
+        worker.request_done(&done);
+        assert_eq!(cells.counters().total_requests(), 3);
+        assert_eq!(cells.snapshot(first).unwrap().counters.total_requests(), 1);
+        std::mem::forget(in_flight);
+    }
+
+    #[test]
+    fn cells_run_out_then_come_back() {
+        let mut cells = Cells::new(Region::create(1).unwrap());
+        assert_eq!(cells.assign(), Some(0));
+        assert_eq!(cells.assign(), None);
+        cells.release(0);
+        cells.release(0); // twice: no double counting
+        assert_eq!(cells.assign(), Some(0));
+    }
+
+    #[test]
+    fn an_inherited_region_shares_the_cells() {
+        let region = Region::create(3).unwrap();
+        // SAFETY: a fresh duplicate, owned by nothing else.
+        let copy = unsafe { libc::dup(region.fd().as_raw_fd()) };
+        // SAFETY: `copy` is a region descriptor nothing else owns.
+        let worker = Recorder::new(unsafe { Region::inherit(copy) }.unwrap(), 2).unwrap();
+        worker.protocol_error(ProtocolErrorKind::PlainHttp);
+        let seen = region.cell(2).unwrap().counters.protocol_errors[ProtocolErrorKind::PlainHttp as usize]
+            .load(Ordering::Relaxed);
+        assert_eq!(seen, 1);
+        // SAFETY: as above.
+        let copy = unsafe { libc::dup(region.fd().as_raw_fd()) };
+        // SAFETY: as above.
+        assert!(Recorder::new(unsafe { Region::inherit(copy) }.unwrap(), 3).is_err());
+    }
+}
