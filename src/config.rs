@@ -154,6 +154,20 @@ pub struct Cli {
     /// Do not log a line per request.
     #[arg(long = "disable-logging")]
     pub disable_logging: bool,
+
+    /// Serve Prometheus metrics at `http://ADDR/metrics` from the master (`host:port` or `:port`), summed
+    /// over all workers (implies --master).
+    #[arg(long, value_name = "ADDR", env = "OXWSGI_METRICS")]
+    pub metrics: Option<String>,
+
+    /// Serve uWSGI-compatible stats JSON on ADDR (`host:port`, `:port` or a Unix socket path), for uwsgitop
+    /// and the uWSGI exporters: each connection gets one document (implies --master).
+    #[arg(long, value_name = "ADDR", env = "OXWSGI_STATS")]
+    pub stats: Option<String>,
+
+    /// Precede the --stats document with an HTTP/1.0 head, so browsers and curl can read it.
+    #[arg(long = "stats-http", requires = "stats")]
+    pub stats_http: bool,
 }
 
 /// Everything the process needs, validated.
@@ -167,6 +181,23 @@ pub struct Config {
     /// Who the process runs as once the sockets are bound.
     pub run_as: Owner,
     pub pidfile: Option<PathBuf>,
+    pub metrics: MetricsConfig,
+}
+
+/// Where the master serves what the workers count (each `None` is off; with both off workers count nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Prometheus `/metrics` over HTTP.
+    pub prometheus: Option<SocketAddr>,
+    /// uWSGI stats JSON.
+    pub stats: Option<SocketSpec>,
+    pub stats_http: bool,
+}
+
+impl MetricsConfig {
+    pub fn enabled(&self) -> bool {
+        self.prometheus.is_some() || self.stats.is_some()
+    }
 }
 
 /// How many processes, whether a master supervises them, and when it replaces them.
@@ -324,6 +355,9 @@ impl TryFrom<Cli> for Config {
             max_worker_lifetime: (cli.max_worker_lifetime > 0)
                 .then(|| Duration::from_secs(cli.max_worker_lifetime)),
         };
+        let metrics = metrics_config(&cli)?;
+        let master =
+            cli.master || cli.processes.get() > 1 || recycle.any() || cli.harakiri > 0 || metrics.enabled();
         let (source, callable) = match (cli.module, cli.wsgi_file) {
             (Some(module), None) => {
                 let (module, callable) = match module.split_once(':') {
@@ -341,6 +375,7 @@ impl TryFrom<Cli> for Config {
         Ok(Config {
             sockets,
             run_as,
+            metrics,
             pidfile: cli.pidfile,
             app: AppSpec {
                 source,
@@ -354,11 +389,7 @@ impl TryFrom<Cli> for Config {
                 harakiri: (cli.harakiri > 0).then(|| Duration::from_secs(cli.harakiri)),
                 multiprocess: cli.processes.get() > 1,
             },
-            processes: ProcessConfig {
-                workers: cli.processes,
-                master: cli.master || cli.processes.get() > 1 || recycle.any() || cli.harakiri > 0,
-                recycle,
-            },
+            processes: ProcessConfig { workers: cli.processes, master, recycle },
             server: ServerConfig {
                 limits: Limits { max_datasize, ..Limits::default() },
                 limit_post: (cli.limit_post > 0).then_some(cli.limit_post),
@@ -375,9 +406,32 @@ impl TryFrom<Cli> for Config {
     }
 }
 
+/// `--metrics`, `--stats` and `--stats-http`.
+fn metrics_config(cli: &Cli) -> Result<MetricsConfig, ConfigError> {
+    Ok(MetricsConfig {
+        prometheus: cli
+            .metrics
+            .as_deref()
+            .map(|addr| match parse_address("--metrics", addr)? {
+                SocketSpec::Tcp(addr) => Ok(addr),
+                SocketSpec::Unix(_) => {
+                    Err(ConfigError(format!("--metrics {addr}: Prometheus scrapes over TCP: give host:port")))
+                }
+            })
+            .transpose()?,
+        stats: cli.stats.as_deref().map(|addr| parse_address("--stats", addr)).transpose()?,
+        stats_http: cli.stats_http,
+    })
+}
+
 /// `unix:/path` or anything with a `/` is a Unix socket; `:port` means every IPv4 interface (as in uWSGI);
 /// otherwise `host:port`, resolved once, now.
 pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
+    parse_address("--socket", text)
+}
+
+/// [`parse_socket`] for `option`, which its errors name.
+fn parse_address(option: &str, text: &str) -> Result<SocketSpec, ConfigError> {
     if let Some(path) = text.strip_prefix("unix:") {
         return Ok(SocketSpec::Unix(PathBuf::from(path)));
     }
@@ -389,7 +443,7 @@ pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
         return Ok(SocketSpec::Tcp(addr));
     }
     let bad = || {
-        ConfigError(format!("--socket {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"))
+        ConfigError(format!("{option} {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"))
     };
     if !with_host.contains(':') {
         return Err(bad());
@@ -479,6 +533,23 @@ mod tests {
         }
         let cfg = config(&["--socket", ":1", "--module", "m", "--reload-on-rss", "2"]).unwrap();
         assert_eq!(cfg.processes.recycle.reload_on_rss, Some(2 * 1024 * 1024));
+    }
+
+    #[test]
+    fn metrics_and_stats_need_a_master() {
+        let cfg = config(&["--socket", ":1", "--module", "m"]).unwrap();
+        assert!(!cfg.metrics.enabled());
+        let cfg = config(&["--socket", ":1", "--module", "m", "--metrics", ":9191"]).unwrap();
+        assert!(cfg.processes.master);
+        assert_eq!(cfg.metrics.prometheus, Some("0.0.0.0:9191".parse().unwrap()));
+        let cfg = config(&["--socket", ":1", "--module", "m", "--stats", "/run/stats.sock", "--stats-http"])
+            .unwrap();
+        assert!(cfg.processes.master && cfg.metrics.stats_http);
+        assert_eq!(cfg.metrics.stats, Some(SocketSpec::Unix("/run/stats.sock".into())));
+        let err = config(&["--socket", ":1", "--module", "m", "--metrics", "/run/m.sock"]).unwrap_err();
+        assert!(err.to_string().starts_with("--metrics /run/m.sock: "), "{err}");
+        let err = config(&["--socket", ":1", "--module", "m", "--stats", "nohost"]).unwrap_err();
+        assert!(err.to_string().starts_with("--stats nohost: expected host:port"), "{err}");
     }
 
     #[test]

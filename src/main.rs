@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use oxwsgi::config::{Cli, Config};
+use oxwsgi::metrics::Recorder;
 use oxwsgi::server::BoundSocket;
 use oxwsgi::{deploy, master, server, wsgi};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -100,12 +101,13 @@ fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::I
         Ok(app) => app,
         Err(err) => return stop(&err),
     };
+    let recorder = inherited.as_ref().map_or(Recorder::disabled(), master::Inherited::recorder);
     let control = inherited.map(|inherited| Arc::new(inherited.control()));
     let on_harakiri: Box<dyn FnOnce() + Send> = match control.clone() {
         Some(control) => Box::new(move || control.harakiri()),
         None => Box::new(|| tracing::error!("no master to replace this process: it keeps running")),
     };
-    let pool = match wsgi::start(app, config.pool, on_harakiri) {
+    let pool = match wsgi::start(app, config.pool, on_harakiri, recorder) {
         Ok(pool) => Arc::new(pool),
         Err(err) => return stop(&err),
     };
@@ -123,7 +125,7 @@ fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::I
         move || control.map_or((), |control| control.max_requests_reached())
     };
     let served = runtime.block_on(async {
-        server::run(sockets, config.server, handler, shutdown_signal(), ready, retire).await
+        server::run(sockets, config.server, handler, recorder, shutdown_signal(), ready, retire).await
     });
     if let Err(err) = served {
         return fail(err);

@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -21,6 +21,11 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, RecycleConfig};
+use crate::metrics::books::{self, Books, SocketInfo, WorkerInfo};
+use crate::metrics::endpoint::{self, Query, StatsListener};
+use crate::metrics::exposition::{RestartReason, WorkerState};
+use crate::metrics::region::CELLS_PER_WORKER;
+use crate::metrics::{Recorder, Region};
 use crate::server::{self, BoundSocket};
 
 /// Set in a worker's environment: its number, from 1 (apps may read it too).
@@ -29,6 +34,10 @@ pub const WORKER_ID_ENV: &str = "OXWSGI_WORKER_ID";
 const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
 /// Set in a worker's environment: the descriptor of its control socket to the master.
 const READY_FD_ENV: &str = "OXWSGI_READY_FD";
+/// Set in a worker's environment when the master serves metrics: the descriptor of the shared metrics
+/// region, and which cell of it the worker counts in.
+const METRICS_FD_ENV: &str = "OXWSGI_METRICS_FD";
+const METRICS_CELL_ENV: &str = "OXWSGI_METRICS_CELL";
 /// The first descriptor a worker inherits a socket at, after stdin, stdout and stderr.
 const FIRST_INHERITED_FD: RawFd = 3;
 /// `/proc/self/exe`: the binary this process runs, even once the file was replaced or removed.
@@ -50,6 +59,8 @@ pub struct Inherited {
     pub worker_id: usize,
     listen_fds: usize,
     ready_fd: RawFd,
+    /// The metrics region's descriptor and this worker's cell in it.
+    metrics: Option<(RawFd, usize)>,
 }
 
 impl Inherited {
@@ -61,8 +72,11 @@ impl Inherited {
             worker_id: number(WORKER_ID_ENV)?,
             listen_fds: number(LISTEN_FDS_ENV)?,
             ready_fd: number(READY_FD_ENV).and_then(|fd: usize| RawFd::try_from(fd).ok())?,
+            metrics: number(METRICS_FD_ENV)
+                .and_then(|fd: usize| RawFd::try_from(fd).ok())
+                .zip(number(METRICS_CELL_ENV)),
         });
-        for name in [LISTEN_FDS_ENV, READY_FD_ENV] {
+        for name in [LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV] {
             // SAFETY: called at start-up, before any other thread exists.
             unsafe { std::env::remove_var(name) };
         }
@@ -86,6 +100,19 @@ impl Inherited {
         unsafe { libc::fcntl(self.ready_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         // SAFETY: as above.
         Control(std::sync::Mutex::new(unsafe { UnixStream::from_raw_fd(self.ready_fd) }))
+    }
+
+    /// Where this worker counts its requests; disabled (and logged) if the region cannot be used.
+    pub fn recorder(&self) -> Recorder {
+        let Some((fd, cell)) = self.metrics else { return Recorder::disabled() };
+        // SAFETY: the master put the metrics region at this descriptor for us alone.
+        let recorder = unsafe { Region::inherit(fd) }.and_then(|region| Recorder::new(region, cell));
+        recorder.unwrap_or_else(|err| {
+            error!(
+                "cannot use the metrics region from the master: {err}; this worker's requests go uncounted"
+            );
+            Recorder::disabled()
+        })
     }
 
     /// `--max-requests` plus this worker's share of the jitter, so workers started together do not all
@@ -150,6 +177,7 @@ impl std::error::Error for MasterError {}
 /// `on_ready` runs once every worker of the first generation accepts.
 pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) -> Result<(), MasterError> {
     let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
+    let socket_names: Vec<String> = sockets.iter().map(|socket| socket.spec.to_string()).collect();
     // The copies handed down sit above the numbers the workers receive them at (3, 4, ..., and the control
     // socket), so moving them into place never overwrites one.
     let floor = handoff_floor(sockets.len());
@@ -164,7 +192,17 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
         .enable_all()
         .build()
         .map_err(|err| MasterError(format!("cannot start the master's runtime: {err}")))?;
-    let supervisor = Supervisor::new(config, handoff, socket_files.clone());
+    let books = if config.metrics.enabled() {
+        let cells = config.processes.workers.get().saturating_mul(CELLS_PER_WORKER);
+        let region = Region::create(cells)
+            .map_err(|err| MasterError(format!("cannot create the shared memory for metrics: {err}")))?;
+        let handed_down = dup_above(region.fd().as_raw_fd(), floor)
+            .map_err(|err| MasterError(format!("cannot prepare the metrics for the workers: {err}")))?;
+        Some((Books::new(region), handed_down))
+    } else {
+        None
+    };
+    let supervisor = Supervisor::new(config, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
         server::remove_socket_files(&socket_files);
@@ -207,6 +245,17 @@ enum Retirement {
     Lifetime,
 }
 
+impl From<Retirement> for RestartReason {
+    fn from(retirement: Retirement) -> Self {
+        match retirement {
+            Retirement::Reload => Self::Reload,
+            Retirement::MaxRequests => Self::MaxRequests,
+            Retirement::Rss => Self::Rss,
+            Retirement::Lifetime => Self::Lifetime,
+        }
+    }
+}
+
 impl fmt::Display for Retirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -223,6 +272,8 @@ struct Worker {
     /// Which of the `--processes` places it fills (1..=N), also its `OXWSGI_WORKER_ID`.
     slot: usize,
     started: Instant,
+    /// The same moment on the wall clock, for the stats' `last_spawn`.
+    spawned_at: SystemTime,
     ready: bool,
     /// A replacement is starting (its pid): this one stops once that one is ready.
     replaced_by: Option<u32>,
@@ -231,16 +282,37 @@ struct Worker {
     /// Due for replacement (for this reason) but its last replacement failed to start: tried again, from
     /// `retry_at` on, with the back-off, so a broken app on disk is not re-imported every second.
     pending: Option<(Retirement, Instant)>,
+    /// Why it is being replaced, counted once it exits.
+    retirement: Option<RestartReason>,
+    /// Its metrics cell.
+    cell: Option<usize>,
+}
+
+impl Worker {
+    fn state(&self) -> WorkerState {
+        if self.retiring {
+            WorkerState::Retiring
+        } else if self.ready {
+            WorkerState::Ready
+        } else {
+            WorkerState::Starting
+        }
+    }
 }
 
 /// How often the master checks memory and lifetimes.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Scrapes waiting for the supervisor: it answers each in well under a millisecond, so a handful covers
+/// several Prometheus servers and a uwsgitop at once.
+const QUERY_QUEUE: usize = 16;
 
 struct Supervisor<'a> {
     config: &'a Config,
     /// The listening sockets, at descriptors above those the workers receive them at.
     handoff: Vec<OwnedFd>,
     socket_files: Vec<PathBuf>,
+    /// The sockets' names, in `handoff` order.
+    socket_names: Vec<String>,
     workers: HashMap<u32, Worker>,
     events: mpsc::UnboundedSender<Event>,
     inbox: mpsc::UnboundedReceiver<Event>,
@@ -252,16 +324,33 @@ struct Supervisor<'a> {
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
+    /// With `--metrics` or `--stats`: the cells and the master's own counts, and a copy of the region's
+    /// descriptor above the handed-down numbers.
+    books: Option<(Books, OwnedFd)>,
+    queries: mpsc::Receiver<Query>,
+    /// Kept so the query channel never closes, whichever endpoints run.
+    query_sender: mpsc::Sender<Query>,
 }
 
 impl<'a> Supervisor<'a> {
-    fn new(config: &'a Config, handoff: Vec<OwnedFd>, socket_files: Vec<PathBuf>) -> Self {
+    fn new(
+        config: &'a Config,
+        handoff: Vec<OwnedFd>,
+        socket_files: Vec<PathBuf>,
+        socket_names: Vec<String>,
+        books: Option<(Books, OwnedFd)>,
+    ) -> Self {
         let (events, inbox) = mpsc::unbounded_channel();
+        let (query_sender, queries) = mpsc::channel(QUERY_QUEUE);
         let backoff = RESPAWN_BACKOFF_MIN;
         Self {
             config,
             handoff,
             socket_files,
+            socket_names,
+            books,
+            queries,
+            query_sender,
             workers: HashMap::new(),
             harakiri_count: 0,
             reload_when_ready: std::collections::HashSet::new(),
@@ -281,6 +370,7 @@ impl<'a> Supervisor<'a> {
         let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
         let mut checks = tokio::time::interval(CHECK_INTERVAL);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        self.start_endpoints()?;
         for slot in 1..=self.config.processes.workers.get() {
             self.spawn(slot)?;
         }
@@ -295,6 +385,7 @@ impl<'a> Supervisor<'a> {
                     }
                 }
                 _ = hangup.recv() => self.reload(),
+                Some(query) = self.queries.recv() => self.answer(query),
                 _ = checks.tick() => self.check_limits(),
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
@@ -380,6 +471,7 @@ impl<'a> Supervisor<'a> {
             Ok(new) => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
                     worker.replaced_by = Some(new);
+                    worker.retirement = Some(reason.into());
                     // A failed reload is not retried on its own: the operator fixes the code and sends
                     // SIGHUP again. Recycling is retried.
                     worker.pending = (reason != Retirement::Reload).then(|| (reason, Instant::now()));
@@ -395,6 +487,10 @@ impl<'a> Supervisor<'a> {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         self.harakiri_count += 1;
         let slot = worker.slot;
+        worker.retirement = Some(RestartReason::Harakiri);
+        if let Some((books, _)) = &mut self.books {
+            books.harakiri(slot);
+        }
         // A worker already on its way out (reload, recycling) has its successor: none is needed.
         let successor_exists = worker.retiring || worker.replaced_by.is_some();
         worker.retiring = true;
@@ -457,8 +553,9 @@ impl<'a> Supervisor<'a> {
                 if recycle.max_worker_lifetime.is_some_and(|limit| w.started.elapsed() >= limit) {
                     return Some((pid, Retirement::Lifetime));
                 }
-                let rss =
-                    recycle.reload_on_rss.and_then(|limit| resident_bytes(pid).filter(|&rss| rss > limit));
+                let rss = recycle
+                    .reload_on_rss
+                    .and_then(|limit| books::memory(pid).map(|m| m.resident).filter(|&rss| rss > limit));
                 rss.map(|_| (pid, Retirement::Rss))
             })
             .collect();
@@ -469,10 +566,13 @@ impl<'a> Supervisor<'a> {
 
     async fn on_exit(&mut self, pid: u32, status: &io::Result<ExitStatus>) -> Result<(), MasterError> {
         self.reload_when_ready.remove(&pid);
-        let Some(worker) = self.workers.remove(&pid) else { return Ok(()) };
+        let Some(worker) = self.forget(pid) else { return Ok(()) };
         let (slot, how) = (worker.slot, describe_exit(status));
         if worker.retiring {
             info!("worker {slot} (pid {pid}) retired: it {how}");
+            if let Some(reason) = worker.retirement {
+                self.count_restart(reason);
+            }
             return Ok(());
         }
         if !worker.ready {
@@ -488,6 +588,7 @@ impl<'a> Supervisor<'a> {
                 return Ok(());
             }
             if self.started {
+                self.count_restart(RestartReason::Crash);
                 self.respawn_later(slot, worker.started.elapsed());
                 return Ok(());
             }
@@ -498,6 +599,7 @@ impl<'a> Supervisor<'a> {
             )));
         }
         warn!("worker {slot} (pid {pid}) {how}; starting a new one");
+        self.count_restart(RestartReason::Crash);
         if let Some(replacement) = worker.replaced_by {
             // Its replacement is already starting: that one takes the place.
             info!("worker {slot}'s replacement (pid {replacement}) takes its place");
@@ -505,6 +607,75 @@ impl<'a> Supervisor<'a> {
         }
         self.respawn_later(slot, worker.started.elapsed());
         Ok(())
+    }
+
+    /// Removes an exited worker; its metrics cell joins the totals.
+    fn forget(&mut self, pid: u32) -> Option<Worker> {
+        let worker = self.workers.remove(&pid)?;
+        if let Some((books, _)) = &mut self.books {
+            books.exited(worker.cell);
+        }
+        Some(worker)
+    }
+
+    fn count_restart(&mut self, reason: RestartReason) {
+        if let Some((books, _)) = &mut self.books {
+            books.restarted(reason);
+        }
+    }
+
+    /// Binds `--metrics` and `--stats` and serves them, before any worker starts, so a port already in use
+    /// stops the master with one clear line.
+    fn start_endpoints(&mut self) -> Result<(), MasterError> {
+        let metrics = &self.config.metrics;
+        if let Some(addr) = metrics.prometheus {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|err| MasterError(format!("cannot listen on --metrics {addr}: {err}")))?;
+            info!("metrics at http://{addr}/metrics");
+            tokio::spawn(endpoint::serve_metrics(listener, self.query_sender.clone()));
+        }
+        if let Some(spec) = &metrics.stats {
+            let listener = StatsListener::bind(spec)
+                .map_err(|err| MasterError(format!("cannot listen on --stats {spec}: {err}")))?;
+            info!("uWSGI stats on {spec}");
+            tokio::spawn(endpoint::serve_stats(listener, metrics.stats_http, self.query_sender.clone()));
+        }
+        Ok(())
+    }
+
+    /// Answers an endpoint with the document it asked for.
+    fn answer(&mut self, query: Query) {
+        let Some((books, _)) = &mut self.books else { return };
+        let workers: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .map(|(&pid, w)| WorkerInfo {
+                id: w.slot,
+                pid,
+                state: w.state(),
+                spawned_at: w.spawned_at,
+                cell: w.cell,
+            })
+            .collect();
+        let sockets: Vec<SocketInfo<'_>> = self
+            .socket_names
+            .iter()
+            .zip(&self.handoff)
+            .map(|(name, fd)| SocketInfo { name: name.clone(), fd: fd.as_fd() })
+            .collect();
+        // A client that gave up has dropped its end: nothing to do.
+        match query {
+            Query::Metrics(answer) => {
+                let document = books.metrics(&workers, &sockets);
+                let _ =
+                    answer.send(document.inspect_err(|err| error!("cannot encode the metrics: {err}")).ok());
+            }
+            Query::Stats(answer) => {
+                let _ = answer.send(books.stats(&workers, &sockets));
+            }
+        }
     }
 
     fn stop_worker(&mut self, pid: u32) {
@@ -523,7 +694,10 @@ impl<'a> Supervisor<'a> {
             dup_above(worker_end.as_raw_fd(), handoff_floor(self.handoff.len())).map_err(fail)?;
         let sources: Vec<RawFd> = self.handoff.iter().map(AsRawFd::as_raw_fd).collect();
         let control_source = worker_end.as_raw_fd();
-        let control_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX);
+        let control_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX - 1);
+        let metrics_target = control_target + 1;
+        let cell = self.books.as_mut().and_then(|(books, _)| books.spawned(slot));
+        let metrics_source = self.books.as_ref().map(|(_, fd)| fd.as_raw_fd()).filter(|_| cell.is_some());
         // The running binary itself, even if a package upgrade replaced the file on disk since: a worker
         // must run the master's code. argv[0] stays what the master was started as, for `ps`.
         let mut command = std::process::Command::new(RUNNING_EXECUTABLE);
@@ -533,10 +707,15 @@ impl<'a> Supervisor<'a> {
             .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
             .env(READY_FD_ENV, control_target.to_string())
+            .env_remove(METRICS_FD_ENV)
+            .env_remove(METRICS_CELL_ENV)
             // Only the master talks to systemd.
             .env_remove("NOTIFY_SOCKET")
             // Workers are not in the terminal's foreground group: a read of stdin would stop them.
             .stdin(std::process::Stdio::null());
+        if let Some(cell) = cell {
+            command.env(METRICS_FD_ENV, metrics_target.to_string()).env(METRICS_CELL_ENV, cell.to_string());
+        }
         // SAFETY: getpid has no preconditions.
         let master_pid = unsafe { libc::getpid() };
         // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
@@ -550,6 +729,11 @@ impl<'a> Supervisor<'a> {
                 }
                 if libc::dup2(control_source, control_target) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(source) = metrics_source {
+                    if libc::dup2(source, metrics_target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 // A worker must not outlive its master (killed with SIGKILL, say): it stops gracefully.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
@@ -568,16 +752,28 @@ impl<'a> Supervisor<'a> {
                 Ok(())
             });
         }
-        let mut child = tokio::process::Command::from(command).kill_on_drop(false).spawn().map_err(fail)?;
+        let child = tokio::process::Command::from(command).kill_on_drop(false).spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(err) => {
+                if let Some((books, _)) = &mut self.books {
+                    books.exited(cell);
+                }
+                return Err(fail(err));
+            }
+        };
         drop(worker_end);
         let pid = child.id().unwrap_or_default();
         let worker = Worker {
             slot,
             started: Instant::now(),
+            spawned_at: SystemTime::now(),
             ready: false,
             replaced_by: None,
             retiring: false,
             pending: None,
+            retirement: None,
+            cell,
         };
         self.workers.insert(pid, worker);
         info!("worker {slot} started (pid {pid})");
@@ -639,7 +835,7 @@ impl<'a> Supervisor<'a> {
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
                 Ok(Some(Event::Exited { pid, status })) => {
-                    if let Some(worker) = self.workers.remove(&pid) {
+                    if let Some(worker) = self.forget(pid) {
                         info!("worker {} (pid {pid}) {}", worker.slot, describe_exit(&status));
                     }
                 }
@@ -665,15 +861,6 @@ fn send_signal(pid: u32, signal: libc::c_int) {
     }
 }
 
-/// Resident memory of process `pid`, from `/proc/PID/statm` (pages).
-fn resident_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-    Some(pages * page_size)
-}
-
 async fn next_signal(terminate: &mut Signal, interrupt: &mut Signal) {
     tokio::select! {
         _ = terminate.recv() => {}
@@ -692,9 +879,10 @@ fn describe_exit(status: &io::Result<ExitStatus>) -> String {
     }
 }
 
-/// The lowest descriptor a handed-down copy may use: above 3..3+sockets and the control socket.
+/// The lowest descriptor a handed-down copy may use: above 3..3+sockets, the control socket and the
+/// metrics region.
 fn handoff_floor(sockets: usize) -> RawFd {
-    FIRST_INHERITED_FD + RawFd::try_from(sockets).unwrap_or(RawFd::MAX - 8) + 1
+    FIRST_INHERITED_FD + RawFd::try_from(sockets).unwrap_or(RawFd::MAX - 8) + 2
 }
 
 /// A close-on-exec duplicate of `fd` at or above `floor`.

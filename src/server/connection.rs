@@ -18,6 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
 use crate::exchange::{Body, Handler, ListenerInfo, Reply, Request, RequestLine, StreamItem};
+use crate::metrics::layout::{Method, ProtocolErrorKind};
+use crate::metrics::{Recorder, RequestDone};
 use crate::response::parse_decimal;
 
 /// First read buffer: nginx's packets for ordinary browser requests are 1-3 KiB, so one allocation and
@@ -63,6 +65,7 @@ pub(super) struct Context {
     pub config: ServerConfig,
     pub handler: Arc<dyn Handler>,
     pub listener: Arc<ListenerInfo>,
+    pub metrics: Recorder,
 }
 
 /// What came in before the body.
@@ -73,7 +76,7 @@ enum Incoming {
     Request {
         packet_len: usize,
         content_length: u64,
-        head_only: bool,
+        method: Method,
     },
 }
 
@@ -114,6 +117,20 @@ impl fmt::Display for Refused {
 }
 
 impl Refused {
+    /// How the metrics count it.
+    fn kind(&self) -> ProtocolErrorKind {
+        match self {
+            Self::Io(_) => ProtocolErrorKind::ReadError,
+            Self::Timeout { .. } => ProtocolErrorKind::Timeout,
+            Self::Truncated { .. } => ProtocolErrorKind::Truncated,
+            Self::Protocol(_) => ProtocolErrorKind::InvalidPacket,
+            Self::Modifier(_) => ProtocolErrorKind::UnsupportedModifier,
+            Self::PlainHttp => ProtocolErrorKind::PlainHttp,
+            Self::BadRequest(_) => ProtocolErrorKind::BadRequest,
+            Self::BodyTooLarge { .. } => ProtocolErrorKind::BodyTooLarge,
+        }
+    }
+
     /// The answer nginx gets, if any; a packet that cannot be framed gets none.
     fn reply(&self) -> Option<&'static [u8]> {
         match self {
@@ -127,20 +144,20 @@ impl Refused {
 
 pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: OwnedSemaphorePermit) {
     let accepted_at = Instant::now();
+    let _in_flight = context.metrics.in_flight();
     let config = &context.config;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(READ_BUFFER_INITIAL);
-    let (packet_len, content_length, head_only) = match read_request(&mut reader, &mut buf, config).await {
+    let (packet_len, content_length, method) = match read_request(&mut reader, &mut buf, config).await {
         Ok(Incoming::Nothing) => return,
         Ok(Incoming::Ping) => {
             let _ = write_all(&mut writer, &[&oxwsgi_proto::pong()], config.socket_timeout).await;
             return;
         }
-        Ok(Incoming::Request { packet_len, content_length, head_only }) => {
-            (packet_len, content_length, head_only)
-        }
+        Ok(Incoming::Request { packet_len, content_length, method }) => (packet_len, content_length, method),
         Err((refused, unread)) => {
             warn!("refused a connection: {refused}");
+            context.metrics.protocol_error(refused.kind());
             if let Some(reply) = refused.reply() {
                 if write_all(&mut writer, &[reply], config.socket_timeout).await.is_ok() {
                     drain(&mut reader, unread, config.socket_timeout).await;
@@ -150,6 +167,7 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
         }
     };
 
+    let head_only = method == Method::Head;
     let vars = buf.split_to(packet_len).freeze().slice(HEADER_LEN..);
     let in_buffer = usize::try_from(content_length).unwrap_or(usize::MAX).min(buf.len());
     let received = buf.split_to(in_buffer).freeze();
@@ -181,6 +199,14 @@ pub(super) async fn serve<S: Stream>(stream: S, context: Arc<Context>, permit: O
         outcome
     };
     let ((), outcome) = tokio::join!(pump, respond);
+    context.metrics.request_done(&RequestDone {
+        method,
+        status: outcome.status,
+        duration: accepted_at.elapsed(),
+        body_bytes: content_length,
+        response_bytes: outcome.head_bytes + outcome.body_bytes,
+        write_failed: matches!(outcome.end, End::WriteFailed(_)),
+    });
 
     match &outcome.end {
         End::Complete => {}
@@ -250,7 +276,7 @@ async fn read_request<R: AsyncRead + Unpin>(
                 let unread = content_length.saturating_sub((buf.len() - packet_len) as u64);
                 return Err((Refused::BodyTooLarge { length: content_length, limit }, unread));
             }
-            return Ok(Incoming::Request { packet_len, content_length, head_only: method == b"HEAD" });
+            return Ok(Incoming::Request { packet_len, content_length, method: Method::from_bytes(method) });
         }
         buf.reserve(HEADER_LEN + usize::from(header.datasize) - buf.len());
         if read_more(reader, buf, config.socket_timeout).await.map_err(refuse)? == 0 {
@@ -345,6 +371,8 @@ enum End {
 
 struct Outcome {
     status: u16,
+    /// Written, or attempted.
+    head_bytes: u64,
     body_bytes: u64,
     end: End,
 }
@@ -366,10 +394,15 @@ async fn respond<W: AsyncWrite + Unpin>(
                 Ok(()) => End::Complete,
                 Err(err) => End::WriteFailed(err),
             };
-            Outcome { status, body_bytes, end }
+            Outcome { status, head_bytes: head.len() as u64, body_bytes, end }
         }
         Reply::Stream { status, head, first, mut rest } => {
-            let mut outcome = Outcome { status, body_bytes: first.len() as u64, end: End::Complete };
+            let mut outcome = Outcome {
+                status,
+                head_bytes: head.len() as u64,
+                body_bytes: first.len() as u64,
+                end: End::Complete,
+            };
             if let Err(err) = write_all(writer, &[&head, &first], wait).await {
                 outcome.end = End::WriteFailed(err);
                 return outcome;

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::ServerConfig;
 use crate::exchange::Handler;
+use crate::metrics::Recorder;
 use connection::{serve, Context};
 pub use listener::{bind, BoundSocket, Connection, Listener};
 
@@ -35,11 +36,12 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// Serves `sockets` until `shutdown` resolves, then stops accepting, waits for in-flight requests (up to
 /// the graceful timeout) and, with `vacuum`, removes Unix socket files. `ready` is called once every socket
 /// accepts; `retire` once `max_requests` connections were accepted (the process keeps serving until told to
-/// stop).
+/// stop). Every connection is counted in `metrics`.
 pub async fn run(
     sockets: Vec<BoundSocket>,
     config: ServerConfig,
     handler: Arc<dyn Handler>,
+    metrics: Recorder,
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
     retire: impl FnOnce() + Send + 'static,
@@ -51,8 +53,10 @@ pub async fn run(
     for socket in sockets {
         names.push(socket.spec.to_string());
         let (listener, info) = Listener::register(socket)?;
-        listeners
-            .push((listener, Arc::new(Context { config, handler: Arc::clone(&handler), listener: info })));
+        listeners.push((
+            listener,
+            Arc::new(Context { config, handler: Arc::clone(&handler), listener: info, metrics }),
+        ));
     }
     let socket_files: Vec<PathBuf> =
         listeners.iter().filter_map(|(listener, _)| listener.socket_file().map(Path::to_path_buf)).collect();

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyModule, PyString};
 
 use crate::config::{AppSource, AppSpec, PoolConfig};
+use crate::metrics::Recorder;
 
 pub use pool::Pool;
 
@@ -201,6 +202,11 @@ fn run_exit_hooks() {
 
 /// Builds the pool of Python threads that run `app`.
 /// `on_harakiri` is called (once) if a request outlives `--harakiri`.
-pub fn start(app: App, config: PoolConfig, on_harakiri: Box<dyn FnOnce() + Send>) -> PyResult<Pool> {
-    Pool::start(app, config, on_harakiri)
+pub fn start(
+    app: App,
+    config: PoolConfig,
+    on_harakiri: Box<dyn FnOnce() + Send>,
+    metrics: Recorder,
+) -> PyResult<Pool> {
+    Pool::start(app, config, on_harakiri, metrics)
 }

@@ -18,6 +18,7 @@ use super::response::{drive, Failure, Sink, StartResponse};
 use super::{traceback, App};
 use crate::config::PoolConfig;
 use crate::exchange::{Handler, Rejected, Reply, Request, RequestLine};
+use crate::metrics::Recorder;
 
 /// How often shutdown checks whether the threads have finished.
 const JOIN_POLL: Duration = Duration::from_millis(10);
@@ -114,8 +115,10 @@ impl Pool {
         app: App,
         config: PoolConfig,
         on_harakiri: Box<dyn FnOnce() + Send>,
+        metrics: Recorder,
     ) -> PyResult<Self> {
         let threads = config.threads.get();
+        metrics.threads(threads);
         let app = Arc::new(app.callable);
         let board = Board::new(threads);
         if let Some(limit) = config.harakiri {
@@ -128,7 +131,7 @@ impl Pool {
             .map(|index| {
                 let (app, queue) = (Arc::clone(&app), Arc::clone(&queue));
                 let board = Arc::clone(&board);
-                let thread = PoolThread { index, app, queue, board };
+                let thread = PoolThread { index, app, queue, board, metrics };
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
                     .spawn(move || Python::attach(|py| serve_jobs(py, &thread, config)))
@@ -178,6 +181,7 @@ struct PoolThread {
     app: Arc<Py<PyAny>>,
     queue: Arc<Queue>,
     board: Arc<Board>,
+    metrics: Recorder,
 }
 
 fn serve_jobs(py: Python<'_>, thread: &PoolThread, config: PoolConfig) {
@@ -195,10 +199,16 @@ fn serve_jobs(py: Python<'_>, thread: &PoolThread, config: PoolConfig) {
             Task::Run(job) => {
                 // A bug of ours must cost one request, not a thread of the pool.
                 thread.board.start(thread.index, &job.request.vars);
+                let started = Instant::now();
+                thread
+                    .metrics
+                    .app_started(thread.index, started.saturating_duration_since(job.request.accepted_at));
                 let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    run(py, &thread.app, &environ, &thread.queue, job);
+                    run(py, &thread.app, &environ, &thread.queue, job)
                 }));
                 thread.board.finish(thread.index);
+                let raised = ran.as_ref().map_or(true, |outcome| *outcome == Outcome::AppFailed);
+                thread.metrics.app_finished(thread.index, started.elapsed(), raised);
                 if ran.is_err() {
                     error!("internal error while running a request; the thread continues");
                 }
@@ -222,8 +232,17 @@ impl Drop for Unanswered {
     }
 }
 
+/// How a request ended, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Answered, or cut short by the client going away.
+    Served,
+    /// The app raised or broke PEP 3333: it got a 500, or its response was cut.
+    AppFailed,
+}
+
 /// One request: environ, app call, iteration, `close()` — always — and the reply.
-fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Queue>, job: Job) {
+fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Queue>, job: Job) -> Outcome {
     let Job { request, reply, _permit } = job;
     let line = RequestLine(request.vars.clone());
     let sink = Sink::new(reply, request.head_only, Arc::clone(queue));
@@ -243,14 +262,21 @@ fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Q
         }
     })();
     let client_gone = sink.lock().unwrap_or_else(PoisonError::into_inner).client_gone();
-    let Err(failure) = result else { return };
+    let Err(failure) = result else { return Outcome::Served };
     match failure {
         // The connection logs the disconnect; what it makes the app raise is not an app error.
         _ if client_gone => debug!(request = %line, "the app stopped: the client closed the connection"),
         Failure::ClientGone => {}
-        Failure::Python(err) => error!(request = %line, "app raised an exception:\n{}", traceback(py, &err)),
-        Failure::Wsgi(reason) => error!(request = %line, "WSGI violation: {reason}"),
+        Failure::Python(err) => {
+            error!(request = %line, "app raised an exception:\n{}", traceback(py, &err));
+            return Outcome::AppFailed;
+        }
+        Failure::Wsgi(reason) => {
+            error!(request = %line, "WSGI violation: {reason}");
+            return Outcome::AppFailed;
+        }
     }
+    Outcome::Served
 }
 
 /// PEP 3333: the iterable's `close()` is called however the request ended.

@@ -1,5 +1,6 @@
-"""For tests/master.rs: answers with the pid of the worker process that served the request, after an
-optional sleep (`/sleep?ms=N&started=FILE`, creating FILE once inside the app), so tests can tell workers apart and keep a request in flight."""
+"""For tests/master.rs and tests/metrics.rs: answers with the pid of the worker process that served the
+request, after an optional sleep (`/sleep?ms=N&started=FILE`, creating FILE once inside the app), so tests
+can tell workers apart and keep a request in flight; `/raise` raises, for the exception count."""
 
 import os
 import time
@@ -11,6 +12,8 @@ time.sleep(float(os.environ.get("WORKERS_APP_IMPORT_SECONDS", "0")))
 
 def application(environ, start_response):
     query = parse_qs(environ["QUERY_STRING"])
+    if environ["PATH_INFO"] == "/raise":
+        raise RuntimeError("raised on purpose by the test app")
     if environ["PATH_INFO"] == "/sleep":
         if "started" in query:
             # Tells the test the request is inside the app.
