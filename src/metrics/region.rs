@@ -235,8 +235,8 @@ impl Recorder {
     pub fn request_done(self, done: &RequestDone) {
         let Some(cell) = self.0 else { return };
         let counters = &cell.counters;
-        let status = usize::from(done.status.saturating_sub(layout::FIRST_STATUS));
-        if let Some(count) = counters.requests[done.method as usize].get(status) {
+        let status = done.status.checked_sub(layout::FIRST_STATUS).map(usize::from);
+        if let Some(count) = status.and_then(|status| counters.requests[done.method as usize].get(status)) {
             count.fetch_add(1, Ordering::Relaxed);
         }
         counters.request_duration.observe(done.duration);
@@ -337,6 +337,11 @@ mod tests {
         worker.request_done(&done);
         assert_eq!(cells.counters().total_requests(), 3);
         assert_eq!(cells.snapshot(first).unwrap().counters.total_requests(), 1);
+        // Outside the counted statuses (the server refuses them anyway): timed, not counted as another.
+        worker.request_done(&RequestDone { status: 150, ..done });
+        worker.request_done(&RequestDone { status: 1000, ..done });
+        assert_eq!(cells.counters().total_requests(), 3);
+        assert_eq!(cells.counters().request_duration.count(), 5);
         std::mem::forget(in_flight);
     }
 
