@@ -20,7 +20,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, RecycleConfig};
+use crate::config::{Config, RecycleConfig, SocketSpec};
 use crate::metrics::books::{self, Books, SocketInfo, WorkerInfo};
 use crate::metrics::endpoint::{self, Query, StatsListener};
 use crate::metrics::exposition::{RestartReason, WorkerState};
@@ -177,7 +177,14 @@ impl std::error::Error for MasterError {}
 /// `on_ready` runs once every worker of the first generation accepts.
 pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) -> Result<(), MasterError> {
     let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
-    let socket_names: Vec<String> = sockets.iter().map(|socket| socket.spec.to_string()).collect();
+    // As given, the way uWSGI names them in its stats: a Unix socket by its path alone.
+    let socket_names: Vec<String> = sockets
+        .iter()
+        .map(|socket| match &socket.spec {
+            SocketSpec::Unix(path) => path.display().to_string(),
+            SocketSpec::Tcp(addr) => addr.to_string(),
+        })
+        .collect();
     // The copies handed down sit above the numbers the workers receive them at (3, 4, ..., and the control
     // socket), so moving them into place never overwrites one.
     let floor = handoff_floor(sockets.len());

@@ -245,7 +245,7 @@ fn reports_the_listen_queue_from_the_kernel() {
     let metered = Metered::start(&["--listen", "77"]);
     let scrape = metered.scrape();
     let socket = match &metered.server.addr {
-        support::Addr::Unix(path) => format!("unix:{}", path.display()),
+        support::Addr::Unix(path) => path.display().to_string(),
         support::Addr::Tcp(addr) => addr.to_string(),
     };
     assert_eq!(scrape.value(&format!(r#"oxwsgi_listen_queue_max{{socket="{socket}"}}"#)), 77.0);
