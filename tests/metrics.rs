@@ -229,14 +229,20 @@ fn harakiri_is_counted() {
 
 #[test]
 fn protocol_errors_and_app_exceptions_are_counted() {
-    let metered = Metered::start(&[]);
+    let metered = Metered::start(&["--buffer-size", "4096"]);
     let reply = metered.server.exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(reply.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&reply));
+    // A vars block over --buffer-size: the header alone says so.
+    let oversize = [0u8, 0xff, 0xff, 0];
+    assert!(metered.server.exchange(&oversize).is_empty(), "closed without a reply");
     let response = metered.server.get("/raise");
     assert_eq!(response.status_line, "HTTP/1.1 500 Internal Server Error");
-    let scrape = metered.scrape_until("both counted", |s| s.value("oxwsgi_app_exceptions_total") == 1.0);
+    let scrape = metered.scrape_until("all counted", |s| {
+        s.value("oxwsgi_app_exceptions_total") == 1.0
+            && s.value(r#"oxwsgi_protocol_errors_total{kind="datasize_too_large"}"#) == 1.0
+    });
     assert_eq!(scrape.value(r#"oxwsgi_protocol_errors_total{kind="plain_http"}"#), 1.0);
-    assert_eq!(scrape.value(r#"oxwsgi_protocol_errors_total{kind="invalid_packet"}"#), 0.0);
+    assert_eq!(scrape.value(r#"oxwsgi_protocol_errors_total{kind="empty_key"}"#), 0.0);
     assert_eq!(scrape.value(r#"oxwsgi_requests_total{method="GET",status="500"}"#), 1.0);
 }
 

@@ -89,7 +89,17 @@ impl Method {
 /// Why a connection was turned away before the app saw it (the `kind` label of `protocol_errors_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolErrorKind {
-    /// The packet is not valid uwsgi (bad lengths, vars, encoding).
+    /// The vars block is over `--buffer-size` (nginx sends up to 65535 bytes: raise it).
+    DatasizeTooLarge,
+    /// A WSGI packet with no vars at all.
+    EmptyPacket,
+    /// A var with an empty name.
+    EmptyKey,
+    /// A var runs past the end of the vars block.
+    TruncatedRecord,
+    /// More vars than the parser takes.
+    TooManyVars,
+    /// Any other malformed packet.
     InvalidPacket,
     /// A modifier other than WSGI and ping.
     UnsupportedModifier,
@@ -107,8 +117,28 @@ pub enum ProtocolErrorKind {
     ReadError,
 }
 
+impl From<oxwsgi_proto::ProtocolError> for ProtocolErrorKind {
+    fn from(error: oxwsgi_proto::ProtocolError) -> Self {
+        use oxwsgi_proto::ProtocolError as Parser;
+        match error {
+            Parser::DataSizeTooLarge { .. } => Self::DatasizeTooLarge,
+            Parser::EmptyPacket => Self::EmptyPacket,
+            Parser::EmptyKey { .. } => Self::EmptyKey,
+            Parser::TruncatedRecord { .. } => Self::TruncatedRecord,
+            Parser::TooManyVars { .. } => Self::TooManyVars,
+            // Encoder-only: never returned by the parser.
+            Parser::FieldTooLong => Self::InvalidPacket,
+        }
+    }
+}
+
 impl ProtocolErrorKind {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 13] = [
+        Self::DatasizeTooLarge,
+        Self::EmptyPacket,
+        Self::EmptyKey,
+        Self::TruncatedRecord,
+        Self::TooManyVars,
         Self::InvalidPacket,
         Self::UnsupportedModifier,
         Self::PlainHttp,
@@ -121,6 +151,12 @@ impl ProtocolErrorKind {
 
     pub fn label(self) -> &'static str {
         match self {
+            // The parser's own names (oxwsgi_proto::ProtocolError::kind_label), for the kinds it reports.
+            Self::DatasizeTooLarge => "datasize_too_large",
+            Self::EmptyPacket => "empty_packet",
+            Self::EmptyKey => "empty_key",
+            Self::TruncatedRecord => "truncated_record",
+            Self::TooManyVars => "too_many_vars",
             Self::InvalidPacket => "invalid_packet",
             Self::UnsupportedModifier => "unsupported_modifier",
             Self::PlainHttp => "plain_http",
@@ -368,6 +404,22 @@ mod tests {
         reset(&*live);
         assert_eq!(live.gauges.in_flight.load(Ordering::Relaxed), 0);
         assert_eq!(live.counters.requests[Method::Post as usize][204].load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn parser_errors_keep_the_parsers_names() {
+        use oxwsgi_proto::ProtocolError as Parser;
+        for error in [
+            Parser::DataSizeTooLarge { size: 2, limit: 1 },
+            Parser::EmptyPacket,
+            Parser::EmptyKey { offset: 0 },
+            Parser::TruncatedRecord { offset: 0 },
+            Parser::TooManyVars { limit: 1 },
+        ] {
+            assert_eq!(ProtocolErrorKind::from(error).label(), error.kind_label());
+        }
+        let labels: std::collections::HashSet<_> = ProtocolErrorKind::ALL.iter().map(|k| k.label()).collect();
+        assert_eq!(labels.len(), ProtocolErrorKind::ALL.len(), "distinct labels");
     }
 
     #[test]

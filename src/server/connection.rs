@@ -123,7 +123,7 @@ impl Refused {
             Self::Io(_) => ProtocolErrorKind::ReadError,
             Self::Timeout { .. } => ProtocolErrorKind::Timeout,
             Self::Truncated { .. } => ProtocolErrorKind::Truncated,
-            Self::Protocol(_) => ProtocolErrorKind::InvalidPacket,
+            Self::Protocol(error) => ProtocolErrorKind::from(*error),
             Self::Modifier(_) => ProtocolErrorKind::UnsupportedModifier,
             Self::PlainHttp => ProtocolErrorKind::PlainHttp,
             Self::BadRequest(_) => ProtocolErrorKind::BadRequest,
