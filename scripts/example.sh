@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Serve the bundled Flask app (examples/flask_hello/app.py) with oxwsgi behind a real nginx, on
-# http://127.0.0.1:${PORT:-8080}/. Runs in the foreground; Ctrl-C (or SIGTERM) stops both.
+# http://127.0.0.1:${PORT:-8080}/, with two workers and Prometheus metrics on
+# http://127.0.0.1:${METRICS_PORT:-9191}/metrics. Runs in the foreground; Ctrl-C (or SIGTERM) stops both.
 # nginx runs as the current user with its pid file, logs and temp files under tmp/ in the repository.
 set -euo pipefail
 
@@ -8,9 +9,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 port=${PORT:-8080}
-case $port in
-    '' | *[!0-9]*) echo "example: error: PORT must be a number, got '$port'" >&2; exit 2 ;;
-esac
+metrics_port=${METRICS_PORT:-9191}
+for value in "$port" "$metrics_port"; do
+    case $value in
+        '' | *[!0-9]*) echo "example: error: PORT and METRICS_PORT must be numbers, got '$value'" >&2; exit 2 ;;
+    esac
+done
 
 bash scripts/setup.sh
 
@@ -81,10 +85,12 @@ PY
 
 echo "==> starting oxwsgi on $socket"
 target/release/oxwsgi --socket "$socket" --chmod-socket 666 \
-    --wsgi-file examples/flask_hello/app.py --threads 4 &
+    --wsgi-file examples/flask_hello/app.py --processes 2 --threads 4 \
+    --metrics "127.0.0.1:$metrics_port" &
 oxwsgi_pid=$!
 
 wait_listening "$oxwsgi_pid" unix "$socket"
+wait_listening "$oxwsgi_pid" tcp "127.0.0.1:$metrics_port"
 
 echo "==> starting nginx on 127.0.0.1:$port (logs in $prefix)"
 "$nginx_bin" -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log" &
@@ -93,6 +99,7 @@ wait_listening "$nginx_pid" tcp "127.0.0.1:$port"
 
 echo
 echo "Open http://127.0.0.1:$port/"
+echo "Metrics: http://127.0.0.1:$metrics_port/metrics (see grafana/README.md for the dashboard)"
 echo "(Ctrl-C stops oxwsgi and nginx)"
 
 # Stay in the foreground until either process exits or we are interrupted.
