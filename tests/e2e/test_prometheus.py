@@ -202,15 +202,20 @@ def find_tool(name: str) -> str:
     failure under CI=true) with a loud reason."""
     variable = f"{name.upper()}_BIN"
     explicit = os.environ.get(variable)
-    candidates = [explicit] if explicit else [shutil.which(name), f"/usr/bin/{name}"]
+    return first_executable(
+        name,
+        [explicit] if explicit else [shutil.which(name), f"/usr/bin/{name}"],
+        "so the metrics cannot be checked with a real Prometheus. Install it with `bash scripts/setup.sh` "
+        f"(or `apt-get install --no-install-recommends prometheus`), or set {variable}.",
+    )
+
+
+def first_executable(name: str, candidates: list[str | None], hint: str) -> str:
+    """The first executable of `candidates`, or a skip (a failure under CI=true) naming where we looked."""
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    missing_tool(
-        f"{name} is not installed (looked for {', '.join(c for c in candidates if c)}), so the metrics "
-        "cannot be checked with a real Prometheus. Install it with `bash scripts/setup.sh` (or `apt-get "
-        f"install --no-install-recommends prometheus`), or set {variable}."
-    )
+    missing_tool(f"{name} is not installed (looked for {', '.join(c for c in candidates if c)}), {hint}")
 
 
 @dataclass
@@ -452,13 +457,10 @@ def test_metrics_endpoint_passes_promtool_and_exports_every_family(scraped):
 
 def find_uwsgitop() -> str:
     """uwsgitop as installed by pip into this Python (a script, not a module), or a skip/failure."""
-    candidates = [str(Path(sysconfig.get_path("scripts")) / "uwsgitop"), shutil.which("uwsgitop")]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    missing_tool(
-        f"uwsgitop is not installed (looked for {', '.join(c for c in candidates if c)}); install it with "
-        "`bash scripts/setup.sh` (or `python3 -m pip install -r tests/requirements.txt`)"
+    return first_executable(
+        "uwsgitop",
+        [str(Path(sysconfig.get_path("scripts")) / "uwsgitop"), shutil.which("uwsgitop")],
+        "install it with `bash scripts/setup.sh` (or `python3 -m pip install -r tests/requirements.txt`)",
     )
 
 
