@@ -24,6 +24,7 @@ use crate::config::{Config, RecycleConfig, SocketSpec};
 use crate::metrics::books::{self, Books, SocketInfo, WorkerInfo};
 use crate::metrics::endpoint::{self, Query, StatsListener};
 use crate::metrics::exposition::{RestartReason, WorkerState};
+use crate::metrics::listen_queue::listen_queue;
 use crate::metrics::region::CELLS_PER_WORKER;
 use crate::metrics::{Recorder, Region};
 use crate::server::{self, BoundSocket};
@@ -307,8 +308,10 @@ impl Worker {
     }
 }
 
-/// How often the master checks memory and lifetimes.
+/// How often the master checks memory, lifetimes and the listen queues.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// A queue that stays full is logged again after this long, not every check.
+const LISTEN_QUEUE_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Scrapes waiting for the supervisor: it answers each in well under a millisecond, so a handful covers
 /// several Prometheus servers and a uwsgitop at once.
 const QUERY_QUEUE: usize = 16;
@@ -320,6 +323,8 @@ struct Supervisor<'a> {
     socket_files: Vec<PathBuf>,
     /// The sockets' names, in `handoff` order.
     socket_names: Vec<String>,
+    /// When each socket's full queue was last logged.
+    listen_queue_warned: Vec<Option<Instant>>,
     workers: HashMap<u32, Worker>,
     events: mpsc::UnboundedSender<Event>,
     inbox: mpsc::UnboundedReceiver<Event>,
@@ -354,6 +359,7 @@ impl<'a> Supervisor<'a> {
             config,
             handoff,
             socket_files,
+            listen_queue_warned: vec![None; socket_names.len()],
             socket_names,
             books,
             queries,
@@ -393,7 +399,10 @@ impl<'a> Supervisor<'a> {
                 }
                 _ = hangup.recv() => self.reload(),
                 Some(query) = self.queries.recv() => self.answer(query),
-                _ = checks.tick() => self.check_limits(),
+                _ = checks.tick() => {
+                    self.check_limits();
+                    self.check_listen_queues();
+                }
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
                 _ = quit.recv() => {
@@ -543,6 +552,30 @@ impl<'a> Supervisor<'a> {
         self.reload_when_ready.extend(starting);
         for pid in current {
             self.retire(pid, Retirement::Reload);
+        }
+    }
+
+    /// Warns when a socket's accept queue is full: every worker is busy, and nginx's new connections wait
+    /// or are refused (502). uWSGI logs the same condition each cycle; operators grep for it.
+    fn check_listen_queues(&mut self) {
+        for (index, (name, socket)) in self.socket_names.iter().zip(&self.handoff).enumerate() {
+            // Read errors are reported by the metrics, which need the number; here only a full queue matters.
+            let Ok(depth) = listen_queue(socket.as_fd()) else { continue };
+            if depth.max == 0 || depth.queued < depth.max {
+                continue;
+            }
+            if let Some((books, _)) = &mut self.books {
+                books.listen_queue_full();
+            }
+            let warned = &mut self.listen_queue_warned[index];
+            if warned.is_none_or(|at| at.elapsed() >= LISTEN_QUEUE_WARN_EVERY) {
+                warn!(
+                    "listen queue of socket {name} full ({}/{}): every worker is busy; add --processes or \
+                     --threads, or find what makes requests slow",
+                    depth.queued, depth.max
+                );
+                *warned = Some(Instant::now());
+            }
         }
     }
 

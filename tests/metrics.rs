@@ -311,3 +311,33 @@ fn requests_in(text: &str) -> u64 {
         .filter_map(|worker| worker.split(r#""requests":"#).nth(1)?.split(',').next()?.parse::<u64>().ok())
         .sum()
 }
+
+#[test]
+fn a_full_listen_queue_is_logged_and_counted() {
+    let stats_path = temp_dir().join("stats.sock");
+    let stats = stats_path.display().to_string();
+    let server = Server::builder()
+        .app(app_path("workers_app.py"))
+        .args(&["--listen", "2", "--threads", "1", "--stats", &stats])
+        .start();
+    server.wait_log("master ready");
+    // One thread takes two connections (the one it runs and the next); two more fill a backlog of two.
+    let waiting: Vec<_> = (0..4)
+        .map(|_| {
+            let mut conn = server.connect();
+            conn.write_all(&RequestBuilder::get("/sleep?ms=3000").encode()).unwrap();
+            conn
+        })
+        .collect();
+    let log = server.wait_log("listen queue of socket");
+    assert!(log.contains("full (2/2)"), "{log}");
+    let mut document = String::new();
+    std::os::unix::net::UnixStream::connect(&stats_path).unwrap().read_to_string(&mut document).unwrap();
+    let errors: u64 = document
+        .split(r#""listen_queue_errors":"#)
+        .nth(1)
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .expect("listen_queue_errors in the stats");
+    assert!(errors >= 1, "{document}");
+    drop(waiting);
+}

@@ -41,6 +41,8 @@ pub struct Books {
     spawns_by_worker: HashMap<usize, u64>,
     /// Sockets whose queue the kernel would not tell: warned about once.
     unreadable_sockets: Vec<String>,
+    /// Checks (one a second per socket) that found an accept queue full: uWSGI's `listen_queue_errors`.
+    listen_queue_full: u64,
 }
 
 impl Books {
@@ -51,6 +53,7 @@ impl Books {
             harakiri_by_worker: HashMap::new(),
             spawns_by_worker: HashMap::new(),
             unreadable_sockets: Vec::new(),
+            listen_queue_full: 0,
         }
     }
 
@@ -77,6 +80,11 @@ impl Books {
 
     pub fn restarted(&mut self, reason: RestartReason) {
         *self.restarts.entry(reason).or_default() += 1;
+    }
+
+    /// The master found a socket's accept queue full.
+    pub fn listen_queue_full(&mut self) {
+        self.listen_queue_full += 1;
     }
 
     pub fn harakiri(&mut self, id: usize) {
@@ -143,6 +151,7 @@ impl Books {
             gid: unsafe { libc::getgid() },
             cwd: std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
             load,
+            listen_queue_errors: self.listen_queue_full,
             sockets: &sockets,
             workers,
         };

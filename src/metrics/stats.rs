@@ -18,6 +18,8 @@ pub struct StatsView<'a> {
     pub cwd: String,
     /// Connections in flight over all workers (uWSGI's `load`).
     pub load: u64,
+    /// Times the master found an accept queue full.
+    pub listen_queue_errors: u64,
     pub sockets: &'a [SocketQueue],
     pub workers: Vec<WorkerView>,
 }
@@ -58,7 +60,7 @@ pub fn render(view: &StatsView<'_>) -> Value {
     json!({
         "version": view.version,
         "listen_queue": view.sockets.iter().filter_map(|s| s.queued).sum::<u64>(),
-        "listen_queue_errors": 0,
+        "listen_queue_errors": view.listen_queue_errors,
         "signal_queue": 0,
         "load": view.load,
         "pid": view.pid,
@@ -162,6 +164,7 @@ mod tests {
             gid: 0,
             cwd: "/srv".into(),
             load: 1,
+            listen_queue_errors: 0,
             sockets: &sockets,
             workers: vec![WorkerView {
                 id: 1,
