@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use oxwsgi::config::{Cli, Config};
 use oxwsgi::metrics::Recorder;
-use oxwsgi::server::BoundSocket;
+use oxwsgi::server::{BoundSocket, Front};
 use oxwsgi::{deploy, master, server, wsgi};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing_subscriber::EnvFilter;
@@ -107,26 +107,28 @@ fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::I
         Some(control) => Box::new(move || control.harakiri()),
         None => Box::new(|| tracing::error!("no master to replace this process: it keeps running")),
     };
-    let pool = match wsgi::start(app, config.pool, on_harakiri, recorder) {
-        Ok(pool) => Arc::new(pool),
-        Err(err) => return stop(&err),
+    let retire: Box<dyn FnOnce() + Send> = {
+        let control = control.clone();
+        Box::new(move || control.map_or((), |control| control.max_requests_reached()))
     };
+    // The I/O runtime runs on this thread (`block_on` below); the serving threads hand it what waits.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return stop(&format!("cannot start the I/O runtime: {err}")),
     };
-    let handler = Arc::clone(&pool);
+    let front = match Front::new(sockets, config.server, recorder, runtime.handle().clone(), retire) {
+        Ok(front) => front,
+        Err(err) => return stop(&format!("cannot use the listening sockets: {err}")),
+    };
+    let pool = match wsgi::start(app, config.pool, on_harakiri, recorder, &front) {
+        Ok(pool) => pool,
+        Err(err) => return stop(&err),
+    };
     let ready = || match &control {
         Some(control) => control.ready(),
         None => deploy::notify("READY=1"),
     };
-    let retire = {
-        let control = control.clone();
-        move || control.map_or((), |control| control.max_requests_reached())
-    };
-    let served = runtime.block_on(async {
-        server::run(sockets, config.server, handler, recorder, shutdown_signal(), ready, retire).await
-    });
+    let served = runtime.block_on(async { server::run(&front, shutdown_signal(), ready).await });
     if let Err(err) = served {
         return fail(err);
     }

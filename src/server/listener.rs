@@ -1,21 +1,17 @@
-//! Listening sockets: binding them (socket2: backlog, address reuse, Unix socket file handling) and
-//! accepting connections from them.
+//! Listening sockets: binding them (socket2: backlog, address reuse, Unix socket file handling).
 //!
-//! Binding happens before the runtime starts and yields plain std listeners, so a later master process can
-//! bind once and hand the same sockets to its workers.
+//! Binding happens before anything else starts and yields plain non-blocking sockets, so a master process
+//! binds once and hands the same sockets to its workers; the serving threads accept on them
+//! ([`super::front`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::path::Path;
 
 use socket2::{Domain, SockAddr, Socket, Type};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::{ServerConfig, SocketSpec};
-use crate::exchange::ListenerInfo;
 
 /// A bound, listening socket, not yet registered with a runtime.
 #[derive(Debug)]
@@ -34,6 +30,10 @@ impl BoundSocket {
         let socket = unsafe { Socket::from_raw_fd(fd) };
         socket.set_nonblocking(true)?;
         socket.set_cloexec(true)?;
+        if matches!(spec, SocketSpec::Tcp(_)) {
+            // As in `bind`: accepted connections inherit it.
+            socket.set_tcp_nodelay(true)?;
+        }
         Ok(Self { spec, socket })
     }
 
@@ -49,6 +49,10 @@ impl BoundSocket {
     pub fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
+
+    pub(super) fn into_parts(self) -> (Socket, SocketSpec) {
+        (self.socket, self.spec)
+    }
 }
 
 /// Binds `spec`. A Unix socket file left by a dead server is replaced; one that still accepts connections is
@@ -59,6 +63,9 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
         SocketSpec::Tcp(addr) => {
             let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
+            // Accepted connections inherit it, which saves a system call per connection. Responses go out
+            // whole or in app-sized chunks; Nagle would only add latency to the last one.
+            socket.set_tcp_nodelay(true)?;
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
             }
@@ -96,60 +103,4 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening on this socket"));
     }
     std::fs::remove_file(path)
-}
-
-/// A listener registered with the runtime.
-pub enum Listener {
-    Tcp(TcpListener),
-    Unix { listener: UnixListener, path: PathBuf },
-}
-
-/// An accepted connection.
-pub enum Connection {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Listener {
-    /// Must be called inside the runtime.
-    pub fn register(bound: BoundSocket) -> io::Result<(Self, Arc<ListenerInfo>)> {
-        match bound.spec {
-            SocketSpec::Tcp(addr) => {
-                let listener = TcpListener::from_std(std::net::TcpListener::from(bound.socket))?;
-                let local = listener.local_addr().unwrap_or(addr);
-                let info = ListenerInfo {
-                    server_name: local.ip().to_string(),
-                    server_port: local.port().to_string(),
-                };
-                Ok((Listener::Tcp(listener), Arc::new(info)))
-            }
-            SocketSpec::Unix(path) => {
-                let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(bound.socket))?;
-                let info = ListenerInfo { server_name: "localhost".into(), server_port: String::new() };
-                Ok((Listener::Unix { listener, path }, Arc::new(info)))
-            }
-        }
-    }
-
-    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<Connection>> {
-        match self {
-            Listener::Tcp(listener) => listener.poll_accept(cx).map(|accepted| {
-                let (stream, _) = accepted?;
-                // Responses are written whole or in app-sized chunks; Nagle would only add latency.
-                stream.set_nodelay(true)?;
-                Ok(Connection::Tcp(stream))
-            }),
-            Listener::Unix { listener, .. } => {
-                listener.poll_accept(cx).map_ok(|(stream, _)| Connection::Unix(stream))
-            }
-        }
-    }
-
-    /// The socket file to remove at exit, for Unix sockets.
-    pub fn socket_file(&self) -> Option<&Path> {
-        match self {
-            Listener::Tcp(_) => None,
-            Listener::Unix { path, .. } => Some(path),
-        }
-    }
 }

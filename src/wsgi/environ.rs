@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyType};
 
 use super::streams::{ErrorStream, FileWrapper, Input};
-use crate::exchange::Request;
+use crate::server::RequestHead;
 
 /// The names nginx's `uwsgi_params` sends on every request plus the headers most browsers and proxies send:
 /// interning them saves allocating the same key strings on every request.
@@ -108,13 +108,16 @@ impl EnvironTemplate {
         })
     }
 
-    /// A fresh environ for `request`; its body becomes `wsgi.input`.
-    pub(super) fn build<'py>(&self, py: Python<'py>, request: Request) -> PyResult<Bound<'py, PyDict>> {
+    /// A fresh environ for `request`, with `input` as `wsgi.input`.
+    pub(super) fn build<'py>(
+        &self,
+        py: Python<'py>,
+        request: &RequestHead,
+        input: &Bound<'py, Input>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let environ = PyDict::new(py);
         let mut seen = Seen::default();
-        let vars = oxwsgi_proto::parse_vars(&request.vars, usize::MAX)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-        for (name, value) in &vars {
+        for (name, value) in request.vars() {
             if name == b"HTTP_CONTENT_TYPE" || name == b"HTTP_CONTENT_LENGTH" {
                 continue; // nginx sends these twice; PEP 3333 (and wsgiref.validate) want only CONTENT_*
             }
@@ -146,7 +149,7 @@ impl EnvironTemplate {
         let scheme = if https { &self.https } else { &self.http };
         environ.set_item(self.url_scheme.bind(py), scheme.bind(py))?;
         environ.update(self.constants.bind(py).as_mapping())?;
-        environ.set_item(self.input.bind(py), Py::new(py, Input::new(request.body))?)?;
+        environ.set_item(self.input.bind(py), input)?;
         if seen.dechunked() {
             environ.set_item(self.input_terminated.bind(py), true)?;
         }

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tracing::error;
 
 use super::traceback;
-use crate::exchange::RequestLine;
+use crate::server::RequestLine;
 
 /// How often the watchdog looks: a request is caught at most this long after its deadline.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -26,7 +25,7 @@ pub(super) struct Slot {
     started: AtomicU64,
     /// The thread's Python identity (`threading.get_ident()`), to find its stack.
     python_ident: AtomicU64,
-    vars: Mutex<Bytes>,
+    line: Mutex<Option<RequestLine>>,
 }
 
 /// The pool threads' slots and the clock they share.
@@ -37,11 +36,8 @@ pub(super) struct Board {
 
 impl Board {
     pub(super) fn new(threads: usize) -> Arc<Self> {
-        let slot = || Slot {
-            started: AtomicU64::new(0),
-            python_ident: AtomicU64::new(0),
-            vars: Mutex::new(Bytes::new()),
-        };
+        let slot =
+            || Slot { started: AtomicU64::new(0), python_ident: AtomicU64::new(0), line: Mutex::new(None) };
         Arc::new(Self { epoch: Instant::now(), slots: (0..threads).map(|_| slot()).collect() })
     }
 
@@ -51,15 +47,18 @@ impl Board {
         self.slots[index].python_ident.store(ident.unwrap_or(0), Ordering::Relaxed);
     }
 
-    pub(super) fn start(&self, index: usize, vars: &Bytes) {
+    pub(super) fn start(&self, index: usize, line: &RequestLine) {
         let slot = &self.slots[index];
-        *slot.vars.lock().unwrap_or_else(PoisonError::into_inner) = vars.clone();
+        *slot.line.lock().unwrap_or_else(PoisonError::into_inner) = Some(line.clone());
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         slot.started.store(now + 1, Ordering::Release);
     }
 
     pub(super) fn finish(&self, index: usize) {
-        self.slots[index].started.store(0, Ordering::Release);
+        let slot = &self.slots[index];
+        slot.started.store(0, Ordering::Release);
+        // Lets go of the request's packet, so the serving thread's read buffer can be reused.
+        slot.line.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 
     /// The slot whose request has run longer than `limit`, if any, with how long it has run.
@@ -86,7 +85,8 @@ pub(super) fn watch(
                 break found;
             }
         };
-        let line = RequestLine(slot.vars.lock().unwrap_or_else(PoisonError::into_inner).clone());
+        let line = slot.line.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let line = line.map_or_else(|| "a request".to_owned(), |line| line.to_string());
         error!("HARAKIRI: {line} has run {running:.1?}, over --harakiri {limit:?}; this worker is replaced");
         on_harakiri();
         let ident = slot.python_ident.load(Ordering::Relaxed);

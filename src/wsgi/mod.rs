@@ -1,8 +1,10 @@
 //! The WSGI side: the embedded interpreter, the app, and the pool of Python threads that runs it.
 //!
-//! The only part of oxwsgi that imports pyo3. It receives [`Request`](crate::exchange::Request)s and sends
-//! [`Reply`](crate::exchange::Reply)s; it never sees a socket. A `PyErr` never leaves this module: app
-//! failures are logged here, with their traceback, and turned into a 500 or an aborted response.
+//! The only part of oxwsgi that imports pyo3. Its threads take [`Request`](crate::server::Request)s from
+//! the server's [`Acceptor`](crate::server::Acceptor) and answer through its
+//! [`Responder`](crate::server::Responder), releasing the interpreter around every system call; the socket
+//! work itself is the server's. A `PyErr` never leaves this module: app failures are logged here, with
+//! their traceback, and turned into a 500 or an aborted response.
 
 mod environ;
 mod harakiri;
@@ -13,14 +15,16 @@ mod streams;
 use std::ffi::CString;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyModule, PyString};
 
 use crate::config::{AppSource, AppSpec, PoolConfig};
 use crate::metrics::Recorder;
+use crate::server::Front;
 
-pub use pool::Pool;
+pub use pool::{Pool, StartError};
 
 /// Python run once at start: loads the app, so that the errors users see are Python's own, with a
 /// traceback, followed by one line saying what oxwsgi was trying to do.
@@ -200,13 +204,14 @@ fn run_exit_hooks() {
     });
 }
 
-/// Builds the pool of Python threads that run `app`.
+/// Starts the pool of Python threads that serve `app` from `front`.
 /// `on_harakiri` is called (once) if a request outlives `--harakiri`.
 pub fn start(
     app: App,
     config: PoolConfig,
     on_harakiri: Box<dyn FnOnce() + Send>,
     metrics: Recorder,
-) -> PyResult<Pool> {
-    Pool::start(app, config, on_harakiri, metrics)
+    front: &Arc<Front>,
+) -> Result<Pool, StartError> {
+    Pool::start(app, config, on_harakiri, metrics, front)
 }

@@ -1,114 +1,44 @@
-//! The pool of Python threads: each attaches to the interpreter once, waits for jobs with the interpreter
-//! released, runs the app for one request, and sends its [`Reply`] back to the connection.
+//! The pool of Python threads. Each one attaches to the interpreter once and serves requests start to
+//! finish: with the interpreter released it takes the next request from its [`Acceptor`] (accepting and
+//! reading the connection itself), runs the app, and writes the response (released again). A request
+//! crosses no thread unless it has to wait on its peer.
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tracing::{debug, error};
 
 use super::environ::EnvironTemplate;
 use super::harakiri::{self, Board};
-use super::response::{drive, Failure, Sink, StartResponse};
+use super::response::{drive, lock, Failure, Sink, StartResponse};
+use super::streams::Input;
 use super::{traceback, App};
 use crate::config::PoolConfig;
-use crate::exchange::{Handler, Rejected, Reply, Request, RequestLine};
 use crate::metrics::Recorder;
+use crate::server::{Front, Job, Request};
 
 /// How often shutdown checks whether the threads have finished.
 const JOIN_POLL: Duration = Duration::from_millis(10);
 
-enum Task {
-    Run(Job),
-    /// Re-attach once, so Python objects released by the I/O side are freed now rather than at the next
-    /// request (pyo3 frees objects dropped off-interpreter when a thread re-attaches).
-    Collect,
-}
-
-struct Job {
-    request: Request,
-    reply: oneshot::Sender<Reply>,
-    /// Released when the app is done, letting the accept loop take the next connection.
-    _permit: OwnedSemaphorePermit,
-}
-
-/// The pool's queue, shared with the response buffers that need a thread to free them.
-///
-/// A mutex and a condition variable rather than a channel: an idle thread sleeps at once instead of
-/// spinning and yielding first, which on a 2-core machine took CPU from the I/O thread and nginx. Measured
-/// with wrk through nginx, hello world, one thread, alternating runs: about 22k requests/s with a crossbeam
-/// channel, 29k with this; no change for a Flask app.
-pub(super) struct Queue {
-    state: Mutex<QueueState>,
-    ready: Condvar,
-    collect_pending: AtomicBool,
-}
-
-struct QueueState {
-    tasks: VecDeque<Task>,
-    /// No more tasks are taken; the queued ones still run.
-    closed: bool,
-}
-
-impl Queue {
-    fn new() -> Self {
-        let state = QueueState { tasks: VecDeque::new(), closed: false };
-        Self { state: Mutex::new(state), ready: Condvar::new(), collect_pending: AtomicBool::new(false) }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn send(&self, task: Task) -> Result<(), Rejected> {
-        let mut state = self.lock();
-        if state.closed {
-            return Err(Rejected);
-        }
-        state.tasks.push_back(task);
-        drop(state);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    /// The next task, waiting for one; `None` once closed and empty.
-    fn recv(&self) -> Option<Task> {
-        let mut state = self.lock();
-        loop {
-            if let Some(task) = state.tasks.pop_front() {
-                return Some(task);
-            }
-            if state.closed {
-                return None;
-            }
-            state = self.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    fn close(&self) {
-        self.lock().closed = true;
-        self.ready.notify_all();
-    }
-
-    /// Asks one thread to free what the I/O side released; at most one such request is queued at a time.
-    pub(super) fn collect_soon(&self) {
-        if !self.collect_pending.swap(true, Ordering::AcqRel) {
-            let _ = self.send(Task::Collect);
-        }
-    }
-}
-
 /// N Python threads running one app.
 pub struct Pool {
-    queue: Arc<Queue>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    capacity: usize,
 }
+
+/// Why the pool could not start.
+#[derive(Debug)]
+pub struct StartError(String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
 
 impl Pool {
     pub(super) fn start(
@@ -116,36 +46,34 @@ impl Pool {
         config: PoolConfig,
         on_harakiri: Box<dyn FnOnce() + Send>,
         metrics: Recorder,
-    ) -> PyResult<Self> {
+        front: &Arc<Front>,
+    ) -> Result<Self, StartError> {
         let threads = config.threads.get();
         metrics.threads(threads);
         let app = Arc::new(app.callable);
         let board = Board::new(threads);
         if let Some(limit) = config.harakiri {
-            harakiri::watch(Arc::clone(&board), limit, on_harakiri).map_err(|e| {
-                pyo3::exceptions::PyOSError::new_err(format!("cannot start the harakiri watchdog: {e}"))
-            })?;
+            harakiri::watch(Arc::clone(&board), limit, on_harakiri)
+                .map_err(|e| StartError(format!("cannot start the harakiri watchdog: {e}")))?;
         }
-        let queue = Arc::new(Queue::new());
         let handles = (0..threads)
             .map(|index| {
-                let (app, queue) = (Arc::clone(&app), Arc::clone(&queue));
-                let board = Arc::clone(&board);
-                let thread = PoolThread { index, app, queue, board, metrics };
+                let acceptor = front.acceptor()?;
+                let thread = PoolThread { index, app: Arc::clone(&app), board: Arc::clone(&board), metrics };
+                let front = Arc::clone(front);
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_jobs(py, &thread, config)))
+                    .spawn(move || Python::attach(|py| serve_requests(py, &thread, acceptor, &front, config)))
             })
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start Python threads: {e}")))?;
-        Ok(Self { queue, threads: Mutex::new(handles), capacity: threads })
+            .map_err(|e| StartError(format!("cannot start Python threads: {e}")))?;
+        Ok(Self { threads: Mutex::new(handles) })
     }
 
-    /// Takes no more requests, lets the threads finish the ones they run (including the iterables'
-    /// `close()`, where frameworks run their teardown hooks) for up to `grace`, then runs the app's `atexit`
-    /// handlers if every thread finished. Returns whether they did.
+    /// Lets the threads finish the requests they run (including the iterables' `close()`, where frameworks
+    /// run their teardown hooks) for up to `grace`, then runs the app's `atexit` handlers if every thread
+    /// finished. Returns whether they did. The threads leave their loop once the server is drained.
     pub fn shutdown(&self, grace: Duration) -> bool {
-        self.queue.close();
         let handles = std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         let deadline = Instant::now() + grace;
         while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
@@ -159,32 +87,21 @@ impl Pool {
     }
 }
 
-impl Handler for Pool {
-    fn submit(
-        &self,
-        request: Request,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<oneshot::Receiver<Reply>, Rejected> {
-        let (reply, receiver) = oneshot::channel();
-        self.queue.send(Task::Run(Job { request, reply, _permit: permit }))?;
-        Ok(receiver)
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
-    }
-}
-
 /// What one pool thread works with.
 struct PoolThread {
     index: usize,
     app: Arc<Py<PyAny>>,
-    queue: Arc<Queue>,
     board: Arc<Board>,
     metrics: Recorder,
 }
 
-fn serve_jobs(py: Python<'_>, thread: &PoolThread, config: PoolConfig) {
+fn serve_requests(
+    py: Python<'_>,
+    thread: &PoolThread,
+    mut acceptor: crate::server::Acceptor,
+    front: &Arc<Front>,
+    config: PoolConfig,
+) {
     thread.board.register_thread(thread.index, py);
     // Per thread, so `wsgi.errors` lines from different threads never interleave.
     let environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
@@ -194,41 +111,44 @@ fn serve_jobs(py: Python<'_>, thread: &PoolThread, config: PoolConfig) {
             return;
         }
     };
-    while let Some(task) = py.detach(|| thread.queue.recv()) {
-        match task {
-            Task::Run(job) => {
-                // A bug of ours must cost one request, not a thread of the pool.
-                thread.board.start(thread.index, &job.request.vars);
-                let started = Instant::now();
-                thread
-                    .metrics
-                    .app_started(thread.index, started.saturating_duration_since(job.request.accepted_at));
-                let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    run(py, &thread.app, &environ, &thread.queue, job)
-                }));
-                thread.board.finish(thread.index);
-                let raised = ran.as_ref().map_or(true, |outcome| *outcome == Outcome::AppFailed);
-                thread.metrics.app_finished(thread.index, started.elapsed(), raised);
-                if ran.is_err() {
-                    error!("internal error while running a request; the thread continues");
-                }
-            }
-            Task::Collect => {
-                thread.queue.collect_pending.store(false, Ordering::Release);
-                // Objects released after this thread re-attached are freed by the next re-attach.
-                py.detach(|| ());
-            }
+    // Returning from `detach` re-attaches, which also frees what the I/O runtime released (`Job::Collect`).
+    while let Some(job) = py.detach(|| acceptor.next_job()) {
+        let Job::Request(request) = job else { continue };
+        let index = thread.index;
+        thread.board.start(index, &request.head.line);
+        let started = Instant::now();
+        thread.metrics.app_started(index, started.saturating_duration_since(request.head.accepted_at));
+        // A bug of ours must cost one request, not a thread of the pool.
+        let ran =
+            std::panic::catch_unwind(AssertUnwindSafe(|| run(py, &thread.app, &environ, front, request)));
+        thread.board.finish(index);
+        let raised = ran.as_ref().map_or(true, |outcome| *outcome == Outcome::AppFailed);
+        thread.metrics.app_finished(index, started.elapsed(), raised);
+        if ran.is_err() {
+            error!("internal error while running a request; the thread continues");
         }
     }
 }
 
-/// Answers with a 500 (or aborts the stream) if the request ends without a response, however it ends —
-/// including a panic — even if the app keeps a reference to `start_response`.
-struct Unanswered(Arc<Mutex<Sink>>);
+/// Ends the request however it ends — including a panic, or an app that keeps `start_response` or
+/// `wsgi.input` — : the body can no longer be read, and the connection is finished (a 500 if nothing was
+/// sent, an abort if the response was cut short).
+struct EndRequest<'py> {
+    sink: Arc<Mutex<Sink>>,
+    input: Bound<'py, Input>,
+}
 
-impl Drop for Unanswered {
+impl EndRequest<'_> {
+    fn end(&self) {
+        let py = self.input.py();
+        let unread = self.input.get().end(py);
+        lock(py, &self.sink).end(py, unread);
+    }
+}
+
+impl Drop for EndRequest<'_> {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).fail();
+        self.end();
     }
 }
 
@@ -241,17 +161,37 @@ enum Outcome {
     AppFailed,
 }
 
-/// One request: environ, app call, iteration, `close()` — always — and the reply.
-fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Queue>, job: Job) -> Outcome {
-    let Job { request, reply, _permit } = job;
-    let line = RequestLine(request.vars.clone());
-    let sink = Sink::new(reply, request.head_only, Arc::clone(queue));
-    let _unanswered = Unanswered(Arc::clone(&sink));
+/// One request: environ, app call, iteration and writes, `close()` — always — and the end of the
+/// connection.
+fn run(
+    py: Python<'_>,
+    app: &Py<PyAny>,
+    environ: &EnvironTemplate,
+    front: &Arc<Front>,
+    request: Request,
+) -> Outcome {
+    let Request { head, body, responder } = request;
+    let line = head.line.clone();
+    let sink = Sink::new(responder, head.head_only(), Arc::clone(front));
+    let input = match Bound::new(py, Input::new(body)) {
+        Ok(input) => input,
+        Err(err) => {
+            error!(request = %line, "cannot create wsgi.input:\n{}", traceback(py, &err));
+            lock(py, &sink).end(py, 0);
+            return Outcome::AppFailed;
+        }
+    };
+    let ending = EndRequest { sink: Arc::clone(&sink), input: input.clone() };
     let result = (|| -> Result<(), Failure> {
-        let environ = environ.build(py, request)?;
+        let environ = environ.build(py, &head, &input)?;
         let start_response = Bound::new(py, StartResponse::new(Arc::clone(&sink)))?;
         let iterable = app.bind(py).call1((environ, start_response))?;
         let driven = drive(py, &iterable, &sink);
+        if driven.is_ok() && input.get().on_socket(py) == 0 && lock(py, &sink).complete() {
+            // Nothing left to read: the connection is closed now, before the app's close() runs its
+            // teardown, so nginx is not kept waiting for it.
+            ending.end();
+        }
         let closed = close(&iterable);
         match (driven, closed) {
             (Err(failure), Err(err)) => {
@@ -261,22 +201,27 @@ fn run(py: Python<'_>, app: &Py<PyAny>, environ: &EnvironTemplate, queue: &Arc<Q
             (driven, closed) => driven.and(closed.map_err(Failure::Python)),
         }
     })();
-    let client_gone = sink.lock().unwrap_or_else(PoisonError::into_inner).client_gone();
-    let Err(failure) = result else { return Outcome::Served };
-    match failure {
+    let client_gone = lock(py, &sink).client_gone();
+    // The failure is logged before the connection ends, so its consequence (a 500, an abort) follows it
+    // in the log.
+    let outcome = match result {
+        Ok(()) | Err(Failure::ClientGone) => Outcome::Served,
         // The connection logs the disconnect; what it makes the app raise is not an app error.
-        _ if client_gone => debug!(request = %line, "the app stopped: the client closed the connection"),
-        Failure::ClientGone => {}
-        Failure::Python(err) => {
+        Err(_) if client_gone => {
+            debug!(request = %line, "the app stopped: the client closed the connection");
+            Outcome::Served
+        }
+        Err(Failure::Python(err)) => {
             error!(request = %line, "app raised an exception:\n{}", traceback(py, &err));
-            return Outcome::AppFailed;
+            Outcome::AppFailed
         }
-        Failure::Wsgi(reason) => {
+        Err(Failure::Wsgi(reason)) => {
             error!(request = %line, "WSGI violation: {reason}");
-            return Outcome::AppFailed;
+            Outcome::AppFailed
         }
-    }
-    Outcome::Served
+    };
+    drop(ending);
+    outcome
 }
 
 /// PEP 3333: the iterable's `close()` is called however the request ended.

@@ -3,105 +3,82 @@
 
 use std::sync::Mutex;
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
+use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyList, PyString};
-use tokio::sync::mpsc;
 
-use crate::exchange::Body;
+use crate::server::Body;
 
 /// How much a large `read(n)` reserves beyond the bytes already received.
 const READ_RESERVE_AHEAD: usize = 1024 * 1024;
 
 /// `wsgi.input`: the request body. Ends at `CONTENT_LENGTH`, never reads past it, and waits for the socket
-/// with the interpreter released.
-#[pyclass(module = "oxwsgi")]
+/// with the interpreter released. Usable until the request ends, even if the app keeps it longer.
+#[pyclass(frozen, module = "oxwsgi")]
 pub(super) struct Input {
-    /// Received bytes not yet given to the app.
-    current: Bytes,
-    /// Bytes still to come through `rest`.
-    pending: u64,
-    rest: Option<mpsc::Receiver<std::io::Result<Bytes>>>,
+    body: Mutex<Body>,
 }
 
 impl Input {
     pub(super) fn new(body: Body) -> Self {
-        let pending = body.content_length.saturating_sub(body.received.len() as u64);
-        Self { current: body.received, pending, rest: body.rest }
+        Self { body: Mutex::new(body) }
     }
 
-    fn available(&self) -> u64 {
-        self.current.len() as u64 + self.pending
+    /// Body bytes still on the socket.
+    pub(super) fn on_socket(&self, py: Python<'_>) -> u64 {
+        self.lock(py).on_socket()
     }
 
-    /// Makes `current` non-empty unless the body is exhausted; `false` at the end of the body.
-    fn fill(&mut self, py: Python<'_>) -> PyResult<bool> {
-        if !self.current.is_empty() {
-            return Ok(true);
-        }
-        if self.pending == 0 {
-            return Ok(false);
-        }
-        let rest = self.rest.as_mut().ok_or_else(body_ended)?;
-        let next = match rest.try_recv() {
-            Ok(next) => Some(next),
-            Err(mpsc::error::TryRecvError::Empty) => py.detach(|| rest.blocking_recv()),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-        };
-        match next {
-            Some(Ok(chunk)) => {
-                self.pending = self.pending.saturating_sub(chunk.len() as u64);
-                self.current = chunk;
-                Ok(true)
-            }
-            Some(Err(err)) => {
-                self.fail();
-                Err(PyOSError::new_err(format!("error reading the request body: {err}")))
-            }
-            None => {
-                self.fail();
-                Err(body_ended())
-            }
-        }
+    /// The request is over: returns the body bytes still on the socket (to drain), and makes later reads fail.
+    pub(super) fn end(&self, py: Python<'_>) -> u64 {
+        self.lock(py).end()
     }
 
-    /// After a read error the body is unusable: later reads fail the same way instead of hanging.
-    fn fail(&mut self) {
-        self.rest = None;
-    }
-
-    fn read_exact_or_eof(&mut self, py: Python<'_>, want: usize) -> PyResult<Vec<u8>> {
-        // `want` may come from a CONTENT_LENGTH no client will ever send: grow with what arrives instead.
-        let mut out = Vec::with_capacity(want.min(self.current.len() + READ_RESERVE_AHEAD));
-        while out.len() < want && self.fill(py)? {
-            let take = (want - out.len()).min(self.current.len());
-            out.extend_from_slice(&self.current[..take]);
-            self.current.advance(take);
-        }
-        Ok(out)
-    }
-
-    fn read_line(&mut self, py: Python<'_>, limit: usize) -> PyResult<Vec<u8>> {
-        let mut line = Vec::new();
-        while line.len() < limit && self.fill(py)? {
-            let window = &self.current[..self.current.len().min(limit - line.len())];
-            let (take, done) = match window.iter().position(|&b| b == b'\n') {
-                Some(newline) => (newline + 1, true),
-                None => (window.len(), false),
-            };
-            line.extend_from_slice(&self.current[..take]);
-            self.current.advance(take);
-            if done {
-                break;
-            }
-        }
-        Ok(line)
+    fn lock(&self, py: Python<'_>) -> std::sync::MutexGuard<'_, Body> {
+        // Waits with the interpreter released: another thread may hold the body while it waits for the socket.
+        self.body.lock_py_attached(py).unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-fn body_ended() -> PyErr {
-    PyOSError::new_err("the request body ended early: the client closed the connection")
+/// Makes the buffered bytes non-empty unless the body is exhausted; `false` at its end.
+fn fill(py: Python<'_>, body: &mut Body) -> PyResult<bool> {
+    if !body.buffered().is_empty() {
+        return Ok(true);
+    }
+    py.detach(|| body.fill())
+        .map_err(|err| PyOSError::new_err(format!("error reading the request body: {err}")))
+}
+
+fn read_exact_or_eof(py: Python<'_>, body: &mut Body, want: usize) -> PyResult<Vec<u8>> {
+    // `want` may come from a CONTENT_LENGTH no client will ever send: grow with what arrives instead.
+    let mut out = Vec::with_capacity(want.min(body.buffered().len() + READ_RESERVE_AHEAD));
+    while out.len() < want && fill(py, body)? {
+        let current = body.buffered();
+        let take = (want - out.len()).min(current.len());
+        out.extend_from_slice(&current[..take]);
+        current.advance(take);
+    }
+    Ok(out)
+}
+
+fn read_line(py: Python<'_>, body: &mut Body, limit: usize) -> PyResult<Vec<u8>> {
+    let mut line = Vec::new();
+    while line.len() < limit && fill(py, body)? {
+        let current = body.buffered();
+        let window = &current[..current.len().min(limit - line.len())];
+        let (take, done) = match window.iter().position(|&b| b == b'\n') {
+            Some(newline) => (newline + 1, true),
+            None => (window.len(), false),
+        };
+        line.extend_from_slice(&current[..take]);
+        current.advance(take);
+        if done {
+            break;
+        }
+    }
+    Ok(line)
 }
 
 /// A size argument: negative or None means "all".
@@ -113,30 +90,35 @@ fn limit(size: Option<isize>, available: u64) -> usize {
 #[pymethods]
 impl Input {
     #[pyo3(signature = (size = None, /))]
-    fn read<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        let want = limit(size, self.available());
-        if want <= self.current.len() {
-            let bytes = PyBytes::new(py, &self.current[..want]);
-            self.current.advance(want);
+    fn read<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut body = self.lock(py);
+        let want = limit(size, body.available());
+        let current = body.buffered();
+        if want <= current.len() {
+            let bytes = PyBytes::new(py, &current[..want]);
+            current.advance(want);
             return Ok(bytes);
         }
-        let data = self.read_exact_or_eof(py, want)?;
+        let data = read_exact_or_eof(py, &mut body, want)?;
         Ok(PyBytes::new(py, &data))
     }
 
     #[pyo3(signature = (size = None, /))]
-    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
-        let line = self.read_line(py, limit(size, self.available()))?;
+    fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut body = self.lock(py);
+        let limit = limit(size, body.available());
+        let line = read_line(py, &mut body, limit)?;
         Ok(PyBytes::new(py, &line))
     }
 
     #[pyo3(signature = (hint = None, /))]
-    fn readlines<'py>(&mut self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(&self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
         let hint = hint.and_then(|h| usize::try_from(h).ok()).filter(|&h| h > 0);
+        let mut body = self.lock(py);
         let lines = PyList::empty(py);
         let mut total = 0;
         loop {
-            let line = self.read_line(py, usize::MAX)?;
+            let line = read_line(py, &mut body, usize::MAX)?;
             if line.is_empty() {
                 break;
             }
@@ -153,8 +135,8 @@ impl Input {
         slf
     }
 
-    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let line = self.read_line(py, usize::MAX)?;
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let line = read_line(py, &mut self.lock(py), usize::MAX)?;
         Ok((!line.is_empty()).then(|| PyBytes::new(py, &line)))
     }
 
@@ -206,10 +188,35 @@ impl ErrorStream {
 
 /// `wsgi.file_wrapper`: iterates a file-like object in `blksize` reads from its current position; its
 /// `close()` closes the file. The server's `Content-Length` handling stops it at the declared length.
-#[pyclass(module = "oxwsgi")]
+#[pyclass(frozen, module = "oxwsgi")]
 pub(super) struct FileWrapper {
     filelike: Py<PyAny>,
     blksize: usize,
+}
+
+impl FileWrapper {
+    /// The file to send with `sendfile(2)`: a regular file behind `fileno()`, from the file-like's current
+    /// position (`tell()`, which counts what its buffer read ahead), with its length from there. `None` for
+    /// anything else (a pipe, `io.BytesIO`, an object without `fileno`), which is read in `blksize` blocks.
+    pub(super) fn regular_file(&self, py: Python<'_>) -> Option<(std::os::fd::RawFd, u64, u64)> {
+        let filelike = self.filelike.bind(py);
+        if filelike.hasattr("encoding").unwrap_or(true) {
+            return None; // a text file: its tell() is no byte offset, and WSGI bodies are bytes anyway
+        }
+        let fd: std::os::fd::RawFd = filelike.call_method0("fileno").ok()?.extract().ok()?;
+        let position: u64 = match filelike.call_method0("tell") {
+            Ok(position) => position.extract().ok()?,
+            Err(_) => return None,
+        };
+        // SAFETY: fstat fills the struct it is given; `fd` is the file-like's open descriptor.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd, &raw mut stat) } < 0 || (stat.st_mode & libc::S_IFMT) != libc::S_IFREG {
+            return None;
+        }
+        let size = u64::try_from(stat.st_size).ok()?;
+        Some((fd, position, size.saturating_sub(position)))
+    }
 }
 
 /// PEP 3333 leaves the default block size to the server; 8 KiB is what wsgiref uses.

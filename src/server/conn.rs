@@ -1,0 +1,197 @@
+//! An accepted connection, non-blocking, and the system calls the thread serving it makes on it directly:
+//! read what arrived, write what the socket takes now (vectored, or from a file with `sendfile(2)`), wait
+//! for request-body bytes, close or abort.
+//!
+//! Nothing here waits, except [`Conn::read_body`]: a write the socket cannot take now says so
+//! (`WouldBlock`), and the caller hands the connection to the I/O runtime ([`Conn::into_tokio`]), so a
+//! slow peer never holds a Python thread. No pyo3 here.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use socket2::Socket;
+use tokio::net::{TcpStream, UnixStream};
+
+/// The family of a connection: TCP can be reset on abort, a Unix socket cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Unix,
+}
+
+/// One accepted connection from nginx. Closed when dropped.
+#[derive(Debug)]
+pub struct Conn {
+    socket: Socket,
+    kind: Kind,
+}
+
+/// The same connection, registered with the I/O runtime.
+pub enum TokioStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// `socket` must be a connected, non-blocking stream socket of the family `kind` names.
+    pub(super) fn new(socket: Socket, kind: Kind) -> Self {
+        Self { socket, kind }
+    }
+
+    /// Reads what has arrived into the spare capacity of `buf`, without waiting: `WouldBlock` if nothing
+    /// has, `Ok(0)` at end of stream.
+    pub fn try_read(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        let read = self.socket.recv(spare)?;
+        // SAFETY: recv initialised the first `read` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + read) };
+        Ok(read)
+    }
+
+    /// Writes as much of `parts` as the socket takes now; `WouldBlock` if it takes nothing. `MSG_NOSIGNAL`:
+    /// a peer that went away is an `EPIPE` error, never a signal.
+    pub fn try_write(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        retry_interrupted(|| self.socket.send_vectored_with_flags(parts, libc::MSG_NOSIGNAL))
+    }
+
+    /// Sends up to `count` bytes of `file` from `offset` (advanced by what was sent) straight from the page
+    /// cache to the socket: no copy through user space. `WouldBlock` if the socket takes nothing now.
+    pub fn try_sendfile(&self, file: BorrowedFd<'_>, offset: &mut u64, count: usize) -> io::Result<usize> {
+        sendfile(self.socket.as_fd(), file, offset, count)
+    }
+
+    /// Reads request-body bytes into `buf`, waiting up to `timeout` for each arrival. `Ok(0)` means the
+    /// peer closed the connection.
+    ///
+    /// This is the one place a serving thread waits on its peer: the app asked for more body than came
+    /// with the packet, so it cannot go on before the bytes arrive, wherever it waits. Through nginx the
+    /// body comes from nginx's own buffer (`uwsgi_request_buffering on`, the default), never from a slow
+    /// client; bodies small enough to hold in memory are read by the I/O runtime before the app starts.
+    pub fn read_body(&self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: a `[u8]` is a valid `[MaybeUninit<u8>]`, and recv only writes initialised bytes to it.
+            let uninit = unsafe { &mut *(std::ptr::from_mut(buf) as *mut [MaybeUninit<u8>]) };
+            match self.socket.recv(uninit) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                done => return done,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !wait_readable(self.socket.as_fd(), left)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "timed out waiting for the request body",
+                ));
+            }
+        }
+    }
+
+    /// Makes the close that ends this connection (when every descriptor of it is dropped) an error for
+    /// nginx rather than the end of a complete response.
+    pub fn abort(&self) {
+        if self.kind == Kind::Tcp {
+            // A zero linger makes close() send RST: nginx then reports the upstream error and never passes a
+            // truncated body off as complete. A Unix socket has no reset; with a Content-Length, nginx
+            // detects the short body, without one it cannot.
+            let _ = self.socket.set_linger(Some(Duration::ZERO));
+        }
+    }
+
+    /// A second descriptor for the same connection, for the I/O runtime while a request body reader on
+    /// the serving thread still holds this one.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self { socket: self.socket.try_clone()?, kind: self.kind })
+    }
+
+    /// Registers the connection with the current tokio runtime. Must be called inside it.
+    pub fn into_tokio(self) -> io::Result<TokioStream> {
+        Ok(match self.kind {
+            Kind::Tcp => TokioStream::Tcp(TcpStream::from_std(self.socket.into())?),
+            Kind::Unix => TokioStream::Unix(UnixStream::from_std(self.socket.into())?),
+        })
+    }
+
+    /// Takes a connection back from the runtime, for a serving thread.
+    pub fn from_tokio(stream: TokioStream) -> io::Result<Self> {
+        Ok(match stream {
+            TokioStream::Tcp(stream) => Self::new(stream.into_std()?.into(), Kind::Tcp),
+            TokioStream::Unix(stream) => Self::new(stream.into_std()?.into(), Kind::Unix),
+        })
+    }
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// `sendfile(2)` from `file` at `offset` to `socket`, advancing `offset`.
+pub fn sendfile(
+    socket: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: &mut u64,
+    count: usize,
+) -> io::Result<usize> {
+    let mut position = libc::off_t::try_from(*offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // Linux sends at most this much per call anyway; asking for more only overflows the return type.
+    let count = count.min(MAX_SENDFILE_CHUNK);
+    loop {
+        // SAFETY: both descriptors are open for the duration of the borrow; `position` is a valid off_t the
+        // kernel reads and advances.
+        let sent = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &raw mut position, count) };
+        if sent >= 0 {
+            *offset = u64::try_from(position).unwrap_or(*offset);
+            return Ok(sent.unsigned_abs());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `sendfile(2)` moves at most `0x7ffff000` bytes per call on Linux.
+const MAX_SENDFILE_CHUNK: usize = 0x7fff_f000;
+
+/// Waits up to `timeout` for `fd` to be readable (or closed); `false` on timeout.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Rounded up, so a wait never ends a hair early and spins.
+        let millis = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+        let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let ready = unsafe { libc::poll(&raw mut pollfd, 1, millis) };
+        match ready {
+            0 => return Ok(false),
+            1.. => return Ok(true),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            done => return done,
+        }
+    }
+}

@@ -1,0 +1,767 @@
+//! The serving threads' front door: the listening sockets, and what a thread waits on between requests.
+//!
+//! The thread that runs a request also accepts it, reads it and answers it: the common request crosses no
+//! thread (accept, read, app, write, close). Each serving thread sleeps in an epoll set of its own, with
+//! the listening sockets registered `EPOLLEXCLUSIVE`, so a connection wakes one idle thread (in this
+//! process or another worker's) and a busy thread takes none: the listen queue balances load between
+//! workers. What would wait — a request not fully arrived, a response the socket does not take at once, an
+//! unread body — goes to the I/O runtime ([`super::waiting`]); a request it finishes reading comes back
+//! through the [`JobQueue`], whose eventfd is in the same epoll sets. No pyo3 here.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use oxwsgi_proto::{HEADER_LEN, MODIFIER_WSGI};
+use socket2::Socket;
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::conn::{Conn, Kind};
+use super::listener::BoundSocket;
+use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
+use super::responder::{Record, Responder};
+use crate::config::{ServerConfig, SocketSpec};
+use crate::metrics::layout::ProtocolErrorKind;
+use crate::metrics::region::InFlight;
+use crate::metrics::Recorder;
+
+/// A serving thread's read buffer: the largest vars block nginx sends plus a body up to
+/// [`BUFFERED_BODY_MAX`], so whatever arrived with a connection is taken in one read. It is reused from one
+/// request to the next (the request's bytes are split off it and the space reclaimed once they are
+/// dropped), so it costs one allocation per thread, not per request.
+const READ_BUFFER_SIZE: usize = 2 * 64 * 1024;
+/// After this many connections taken straight from the same listener without sleeping, a serving thread
+/// goes through epoll once, so a busy socket cannot starve another one the thread also listens on.
+const HOT_LISTENER_STREAK: u32 = 64;
+/// Events one `epoll_wait` returns: listeners plus the queue and shutdown eventfds.
+const EPOLL_EVENTS: usize = 16;
+/// First pause after `accept()` fails with anything but "nothing to accept".
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+/// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a serving thread keeps a connection whose request has not arrived yet before the I/O runtime
+/// takes it: nginx writes its request right after connecting, so one that is silent this long is an idle
+/// or slow peer (it then has the rest of `--socket-timeout`).
+const PARK_TIMEOUT: Duration = Duration::from_millis(10);
+/// Connections one serving thread keeps that way at most; more go to the I/O runtime at once.
+const PARKED_MAX: usize = 32;
+
+/// epoll tokens past the listeners' indices: parked connections are `PARKED_TOKEN + fd` (a descriptor is
+/// below 2^31), and the eventfds take the top values.
+const PARKED_TOKEN: u64 = 1 << 62;
+const QUEUE_TOKEN: u64 = u64::MAX;
+const STOP_TOKEN: u64 = u64::MAX - 1;
+const CLOSED_TOKEN: u64 = u64::MAX - 2;
+
+/// A request ready to run: its parsed head, its body, and where to answer.
+pub struct Request {
+    pub head: RequestHead,
+    pub body: Body,
+    pub responder: Responder,
+}
+
+/// What a serving thread gets from [`Acceptor::next_job`].
+#[allow(clippy::large_enum_variant)] // moved once per request; boxing would allocate once per request
+pub enum Job {
+    Request(Request),
+    /// Objects the I/O runtime released need a thread that holds the interpreter to free them (see
+    /// [`Front::collect_soon`]); nothing else to do.
+    Collect,
+}
+
+/// A connection just accepted, with what is known of it.
+pub(super) struct Arrival<C = Conn> {
+    pub conn: C,
+    /// Index of the listener it came in on.
+    pub listener: usize,
+    pub accepted_at: Instant,
+    pub in_flight: InFlight,
+}
+
+struct Listening {
+    socket: Socket,
+    kind: Kind,
+    spec: SocketSpec,
+    info: Arc<ListenerInfo>,
+}
+
+/// Everything the serving threads and the I/O runtime share.
+pub struct Front {
+    listeners: Vec<Listening>,
+    pub(super) config: ServerConfig,
+    pub(super) metrics: Recorder,
+    runtime: Handle,
+    tasks: TaskTracker,
+    queue: JobQueue,
+    stop: EventFd,
+    stopping: AtomicBool,
+    accepted: AtomicU64,
+    retire: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Serving threads in their loop, and those still accepting.
+    serving: AtomicUsize,
+    accepting: AtomicUsize,
+    /// Connections in the I/O runtime that may yet come back as requests.
+    arrivals: AtomicUsize,
+    /// Serving threads asleep in epoll: none means every thread is busy.
+    idle: AtomicUsize,
+    /// Any of the three counts above went down.
+    changed: Notify,
+}
+
+impl Front {
+    /// Takes the listening sockets. `runtime` is the I/O runtime (its thread must run it), `retire` is
+    /// called once `max_requests` connections were accepted.
+    pub fn new(
+        sockets: Vec<BoundSocket>,
+        config: ServerConfig,
+        metrics: Recorder,
+        runtime: Handle,
+        retire: Box<dyn FnOnce() + Send>,
+    ) -> io::Result<Arc<Self>> {
+        let listeners = sockets
+            .into_iter()
+            .map(|bound| {
+                let (socket, spec) = bound.into_parts();
+                let (kind, info) = match &spec {
+                    SocketSpec::Tcp(addr) => {
+                        let local = socket.local_addr()?.as_socket().unwrap_or(*addr);
+                        let info = ListenerInfo {
+                            server_name: local.ip().to_string(),
+                            server_port: local.port().to_string(),
+                        };
+                        (Kind::Tcp, info)
+                    }
+                    SocketSpec::Unix(_) => (
+                        Kind::Unix,
+                        ListenerInfo { server_name: "localhost".into(), server_port: String::new() },
+                    ),
+                };
+                Ok(Listening { socket, kind, spec, info: Arc::new(info) })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Arc::new(Self {
+            listeners,
+            config,
+            metrics,
+            runtime,
+            tasks: TaskTracker::new(),
+            queue: JobQueue::new()?,
+            stop: EventFd::new()?,
+            stopping: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            retire: Mutex::new(Some(retire)),
+            serving: AtomicUsize::new(0),
+            accepting: AtomicUsize::new(0),
+            arrivals: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            changed: Notify::new(),
+        }))
+    }
+
+    /// `unix:/path, 127.0.0.1:3031`, for the log.
+    pub fn names(&self) -> String {
+        self.listeners.iter().map(|l| l.spec.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The Unix socket files, to remove at exit.
+    pub fn socket_files(&self) -> Vec<PathBuf> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match &l.spec {
+                SocketSpec::Unix(path) => Some(path.clone()),
+                SocketSpec::Tcp(_) => None,
+            })
+            .collect()
+    }
+
+    /// A serving thread's handle: its epoll set over every listener and the queue.
+    pub fn acceptor(self: &Arc<Self>) -> io::Result<Acceptor> {
+        let epoll = Epoll::new()?;
+        for (index, listener) in self.listeners.iter().enumerate() {
+            epoll.add(listener.socket.as_raw_fd(), index as u64, true)?;
+        }
+        epoll.add(self.queue.ready.fd(), QUEUE_TOKEN, true)?;
+        epoll.add(self.stop.fd(), STOP_TOKEN, false)?;
+        epoll.add(self.queue.closed.fd(), CLOSED_TOKEN, false)?;
+        self.serving.fetch_add(1, Ordering::AcqRel);
+        self.accepting.fetch_add(1, Ordering::AcqRel);
+        Ok(Acceptor {
+            front: Arc::clone(self),
+            epoll,
+            buf: BytesMut::new(),
+            accepting: true,
+            hot: None,
+            streak: 0,
+            came_free: false,
+            stash: None,
+            parked: Vec::new(),
+            unparked: Vec::new(),
+            backoff: MIN_ACCEPT_BACKOFF,
+        })
+    }
+
+    /// Runs `task` on the I/O runtime; shutdown waits for it.
+    pub(super) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+
+    /// Asks a serving thread to take the interpreter once, soon: Python objects released by the I/O runtime
+    /// (large response chunks written from there) are freed then, not at the next request.
+    pub fn collect_soon(&self) {
+        self.queue.push_collect();
+    }
+
+    /// Builds the request framed at the start of `buf` for `arrival`, with the body `body` makes of the
+    /// bytes received past the packet, the count still unread, and the connection.
+    pub(super) fn request(
+        self: &Arc<Self>,
+        arrival: Arrival,
+        buf: &mut BytesMut,
+        framing: &Framing,
+        body: impl FnOnce(Bytes, u64, &Arc<Conn>) -> Body,
+    ) -> Request {
+        let listener = Arc::clone(&self.listeners[arrival.listener].info);
+        let head = RequestHead::take(buf, framing, listener, arrival.accepted_at);
+        let in_buffer = usize::try_from(framing.content_length).unwrap_or(usize::MAX).min(buf.len());
+        let received = buf.split_to(in_buffer).freeze();
+        let unread = framing.content_length - received.len() as u64;
+        let conn = Arc::new(arrival.conn);
+        let body = body(received, unread, &conn);
+        let record = Record {
+            method: head.method,
+            line: head.line.clone(),
+            accepted_at: arrival.accepted_at,
+            head_only: head.head_only(),
+            request_body_bytes: framing.content_length,
+            status: 0,
+            head_bytes: 0,
+            body_bytes: 0,
+            in_flight: arrival.in_flight,
+        };
+        Request { head, body, responder: Responder::new(Arc::clone(self), conn, record) }
+    }
+
+    /// A request the I/O runtime finished reading, for the serving threads.
+    pub(super) fn queue_request(&self, request: Request) {
+        self.queue.push(Job::Request(request));
+    }
+
+    /// A connection handed to the I/O runtime by [`Front::hand_over`] is done there.
+    pub(super) fn arrival_done(&self) {
+        self.arrivals.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
+    /// The I/O runtime waits for the rest of this connection's request.
+    fn hand_over(self: &Arc<Self>, arrival: Arrival, read: BytesMut) {
+        self.arrivals.fetch_add(1, Ordering::AcqRel);
+        self.spawn(super::waiting::read_then_queue(arrival, read, Arc::clone(self)));
+    }
+
+    /// One more connection accepted: past `max_requests`, ask (once) to be replaced.
+    fn count_accept(&self) {
+        let accepted = self.accepted.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.config.max_requests.is_some_and(|max| accepted >= max) {
+            let retire = self.retire.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(retire) = retire {
+                info!("{accepted} requests accepted: asking to be replaced (--max-requests)");
+                retire();
+            }
+        }
+    }
+
+    /// Graceful stop, first step: the serving threads take what is queued on the listening sockets, without
+    /// waiting for more, then stop accepting.
+    pub fn stop_accepting(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.signal();
+    }
+
+    /// Resolves once every request accepted before [`Front::stop_accepting`] is answered: the threads have
+    /// stopped accepting, the runtime holds no request still arriving, the queue is empty and closed, the
+    /// serving threads left their loops, and every response the runtime writes is written.
+    pub async fn drained(&self) {
+        self.wait_until(|| {
+            self.accepting.load(Ordering::Acquire) == 0 && self.arrivals.load(Ordering::Acquire) == 0
+        })
+        .await;
+        self.queue.close();
+        self.wait_until(|| self.serving.load(Ordering::Acquire) == 0).await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Connections not answered yet, for the log when the graceful timeout runs out.
+    pub fn in_progress(&self) -> usize {
+        self.tasks.len() + self.serving.load(Ordering::Acquire)
+    }
+
+    async fn wait_until(&self, done: impl Fn() -> bool) {
+        loop {
+            // A count changing between the check and the wait leaves a permit, so nothing is missed.
+            let changed = self.changed.notified();
+            if done() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// A connection accepted before its request arrived, waiting in the epoll set of the thread that took it.
+struct Parked {
+    arrival: Arrival,
+    deadline: Instant,
+}
+
+/// One serving thread's way in: call [`Acceptor::next_job`] for each request.
+pub struct Acceptor {
+    front: Arc<Front>,
+    epoll: Epoll,
+    buf: BytesMut,
+    accepting: bool,
+    /// The listener that gave the last connection: tried again before sleeping, since under load the next
+    /// connection is usually already queued there (one `accept4` instead of `epoll_wait` + `accept4`).
+    hot: Option<usize>,
+    streak: u32,
+    /// The thread finished a request and has not slept since: a connection it finds queued waited for a
+    /// thread (one that woke from epoll found it as soon as it came).
+    came_free: bool,
+    /// A connection accepted ahead while every thread was busy: this thread's next request.
+    stash: Option<Arrival>,
+    /// Connections whose request has not arrived yet, in this thread's epoll set ([`Acceptor::park`]).
+    parked: Vec<Parked>,
+    /// Parked connections whose request arrived, to start next.
+    unparked: Vec<Arrival>,
+    backoff: Duration,
+}
+
+impl Acceptor {
+    /// The next request to run, or [`Job::Collect`]; waits for one (call it with the interpreter released).
+    /// `None` once the server stopped and every request was handed out.
+    pub fn next_job(&mut self) -> Option<Job> {
+        self.came_free = true;
+        loop {
+            if let Some(job) = self.front.queue.try_pop() {
+                return Some(job);
+            }
+            // Connections this thread already took come before new ones.
+            if let Some(arrival) = self.unparked.pop().or_else(|| self.stash.take()) {
+                if let Some(request) = self.start(arrival) {
+                    return Some(Job::Request(request));
+                }
+                continue;
+            }
+            if !self.accepting {
+                if self.front.queue.is_closed() {
+                    return None;
+                }
+            } else if self.front.stopping.load(Ordering::Acquire) {
+                if let Some(request) = self.take_queued() {
+                    return Some(Job::Request(request));
+                }
+                continue;
+            } else if let Some(index) = self.hot.filter(|_| self.streak < HOT_LISTENER_STREAK) {
+                if let Some(arrival) = self.accept(index) {
+                    self.streak += 1;
+                    if !self.came_free {
+                        self.to_back_of_queue(index);
+                    }
+                    if self.came_free && self.front.idle.load(Ordering::Acquire) == 0 {
+                        // A connection was waiting when this thread came free, and every thread is busy.
+                        // Take the next one too, if it is there, so how long it waits for this thread is
+                        // measured (`request_queue_seconds`): the listen queue cannot say how long one sat
+                        // in it.
+                        self.stash = self.accept(index);
+                    }
+                    if let Some(request) = self.start(arrival) {
+                        return Some(Job::Request(request));
+                    }
+                    continue;
+                }
+            }
+            // A wake for the queue, a parked connection or a shutdown step keeps the listener to try first.
+            if let Some(index) = self.wait() {
+                self.hot = Some(index);
+            }
+            self.came_free = false;
+            self.streak = 0;
+        }
+    }
+
+    /// Sleeps until a listener (returned), a parked connection, the queue or a shutdown step needs this
+    /// thread, or a parked connection's time is up.
+    fn wait(&mut self) -> Option<usize> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS];
+        let deadline = self.parked.iter().map(|parked| parked.deadline).min();
+        self.front.idle.fetch_add(1, Ordering::AcqRel);
+        let ready = self.epoll.wait(&mut events, deadline);
+        self.front.idle.fetch_sub(1, Ordering::AcqRel);
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(err) => {
+                error!("epoll_wait failed: {err}");
+                std::thread::sleep(MIN_ACCEPT_BACKOFF);
+                return None;
+            }
+        };
+        let mut listener = None;
+        for token in ready.iter().map(|event| event.u64) {
+            match token.checked_sub(PARKED_TOKEN).and_then(|fd| RawFd::try_from(fd).ok()) {
+                Some(fd) => self.unpark(fd),
+                None if token < self.front.listeners.len() as u64 => {
+                    listener.get_or_insert(usize::try_from(token).unwrap_or_default());
+                }
+                None => {} // the queue or a shutdown step: the caller looks at both
+            }
+        }
+        let now = Instant::now();
+        while let Some(at) = self.parked.iter().position(|parked| parked.deadline <= now) {
+            let parked = self.parked.swap_remove(at);
+            self.epoll.remove(parked.arrival.conn.as_raw_fd());
+            self.front.hand_over(parked.arrival, BytesMut::new());
+        }
+        listener
+    }
+
+    /// This thread woke for a connection on listener `index` and takes it: it registers again, so the next
+    /// connection wakes another idle thread. The kernel wakes the first exclusive waiter it finds, always in
+    /// the same order: without this, one thread of one worker would take every request of a quiet server,
+    /// and the others would sit cold. (Busy threads are not waiting, so under load this changes nothing.)
+    fn to_back_of_queue(&self, index: usize) {
+        let fd = self.front.listeners[index].socket.as_raw_fd();
+        self.epoll.remove(fd);
+        if let Err(err) = self.epoll.add(fd, index as u64, true) {
+            error!("cannot listen on {} again in this thread: {err}", self.front.listeners[index].spec);
+        }
+    }
+
+    /// Keeps a connection whose request has not arrived yet in this thread's epoll set for a moment: nginx
+    /// writes right after connecting, and a thread woken by the connection usually gets there first. Past
+    /// [`PARK_TIMEOUT`] (or [`PARKED_MAX`]), the I/O runtime waits for it instead.
+    fn park(&mut self, arrival: Arrival) {
+        let fd = arrival.conn.as_raw_fd();
+        let token = PARKED_TOKEN + u64::try_from(fd).unwrap_or(0);
+        if !self.accepting || self.parked.len() >= PARKED_MAX || self.epoll.add(fd, token, false).is_err() {
+            self.front.hand_over(arrival, BytesMut::new());
+            return;
+        }
+        self.parked.push(Parked { arrival, deadline: Instant::now() + PARK_TIMEOUT });
+    }
+
+    /// The request of parked connection `fd` arrived: it is started next.
+    fn unpark(&mut self, fd: RawFd) {
+        if let Some(at) = self.parked.iter().position(|parked| parked.arrival.conn.as_raw_fd() == fd) {
+            let parked = self.parked.swap_remove(at);
+            self.epoll.remove(fd);
+            self.unparked.push(parked.arrival);
+        }
+    }
+
+    /// This thread is about to run a request: the connections it holds would wait behind it, so the I/O
+    /// runtime takes them (and gives them back to whichever thread is free).
+    fn release_held(&mut self) {
+        for parked in self.parked.drain(..) {
+            self.epoll.remove(parked.arrival.conn.as_raw_fd());
+            self.front.hand_over(parked.arrival, BytesMut::new());
+        }
+        for arrival in self.unparked.drain(..) {
+            self.front.hand_over(arrival, BytesMut::new());
+        }
+    }
+
+    /// During a graceful stop: a request from what is already queued on the listeners, until they are
+    /// empty; then this thread accepts no more.
+    fn take_queued(&mut self) -> Option<Request> {
+        loop {
+            let Some(arrival) = (0..self.front.listeners.len()).find_map(|i| self.accept(i)) else {
+                self.stop_accepting();
+                return None;
+            };
+            if let Some(request) = self.start(arrival) {
+                return Some(request);
+            }
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        if !std::mem::replace(&mut self.accepting, false) {
+            return;
+        }
+        self.release_held();
+        for listener in &self.front.listeners {
+            self.epoll.remove(listener.socket.as_raw_fd());
+        }
+        self.epoll.remove(self.front.stop.fd());
+        self.front.accepting.fetch_sub(1, Ordering::AcqRel);
+        self.front.changed.notify_one();
+    }
+
+    /// `accept4` on listener `index`, without waiting. Errors other than "nothing queued" are logged and
+    /// back off (a full descriptor table must not spin the CPU).
+    fn accept(&mut self, index: usize) -> Option<Arrival> {
+        let listener = &self.front.listeners[index];
+        loop {
+            // SAFETY: accept4 on a listening socket we own; no address is asked for.
+            let fd = unsafe {
+                libc::accept4(
+                    listener.socket.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                self.backoff = MIN_ACCEPT_BACKOFF;
+                self.front.count_accept();
+                // SAFETY: a fresh descriptor from accept4, owned by nothing else.
+                let socket = unsafe { Socket::from_raw_fd(fd) };
+                return Some(Arrival {
+                    conn: Conn::new(socket, listener.kind),
+                    listener: index,
+                    accepted_at: Instant::now(),
+                    in_flight: self.front.metrics.in_flight(),
+                });
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN | libc::ECONNABORTED) => return None,
+                Some(libc::EINTR) => {}
+                _ => {
+                    error!("accept failed: {err}; retrying in {:?}", self.backoff);
+                    std::thread::sleep(self.backoff);
+                    self.backoff = (self.backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Reads what came with a new connection. A whole WSGI request (with its body, or with a body too large
+    /// to hold that the app will read as it goes) is returned to run now; anything else goes to the I/O
+    /// runtime, which waits for the rest or turns the connection away.
+    fn start(&mut self, arrival: Arrival) -> Option<Request> {
+        let front = &self.front;
+        self.buf.reserve(READ_BUFFER_SIZE);
+        match arrival.conn.try_read(&mut self.buf) {
+            Ok(0) if self.buf.is_empty() => return None, // a port probe: connected, closed, sent nothing
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if self.buf.is_empty() {
+                    self.park(arrival);
+                } else {
+                    front.hand_over(arrival, self.buf.split());
+                }
+                return None;
+            }
+            Err(err) => {
+                warn!("refused a connection: read error: {err}");
+                front.metrics.protocol_error(ProtocolErrorKind::ReadError);
+                return None;
+            }
+        }
+        let framing = match self.buf.first() {
+            Some(&MODIFIER_WSGI) if self.buf.len() >= HEADER_LEN => {
+                frame(&self.buf, &front.config.limits, front.config.limit_post).ok().flatten()
+            }
+            _ => None,
+        };
+        let Some(framing) = framing else {
+            // Not all there, or not a request the app can take (ping, malformed, plain HTTP, too large).
+            front.hand_over(arrival, self.buf.split());
+            return None;
+        };
+        let in_buffer = (self.buf.len() - framing.packet_len) as u64;
+        let unread = framing.content_length.saturating_sub(in_buffer);
+        if unread > 0 && unread <= BUFFERED_BODY_MAX {
+            front.hand_over(arrival, self.buf.split());
+            return None;
+        }
+        let timeout = front.config.socket_timeout;
+        let request = self.front.request(arrival, &mut self.buf, &framing, |received, unread, conn| {
+            if unread == 0 {
+                Body::complete(received)
+            } else {
+                Body::streaming(received, unread, Arc::clone(conn), timeout)
+            }
+        });
+        self.release_held();
+        Some(request)
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop_accepting();
+        self.front.serving.fetch_sub(1, Ordering::AcqRel);
+        self.front.changed.notify_one();
+    }
+}
+
+/// Requests the I/O runtime finished reading, waiting for a serving thread. The eventfd is readable exactly
+/// while the queue is not empty (both change under the lock), and sits in every serving thread's epoll set.
+struct JobQueue {
+    jobs: Mutex<VecDeque<Job>>,
+    /// A lock-free hint of the length, so an empty queue costs no lock on the hot path.
+    len: AtomicUsize,
+    ready: EventFd,
+    collect_pending: AtomicBool,
+    closed: EventFd,
+    is_closed: AtomicBool,
+}
+
+impl JobQueue {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            jobs: Mutex::new(VecDeque::new()),
+            len: AtomicUsize::new(0),
+            ready: EventFd::new()?,
+            collect_pending: AtomicBool::new(false),
+            closed: EventFd::new()?,
+            is_closed: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, job: Job) {
+        let mut jobs = self.lock();
+        jobs.push_back(job);
+        self.len.store(jobs.len(), Ordering::Release);
+        // Every push, not only the first: each write wakes one more sleeping thread, so two jobs queued
+        // while one thread is busy are taken by two threads.
+        self.ready.signal();
+    }
+
+    fn push_collect(&self) {
+        if !self.collect_pending.swap(true, Ordering::AcqRel) {
+            self.push(Job::Collect);
+        }
+    }
+
+    fn try_pop(&self) -> Option<Job> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut jobs = self.lock();
+        let job = jobs.pop_front();
+        self.len.store(jobs.len(), Ordering::Release);
+        if jobs.is_empty() {
+            self.ready.reset();
+        }
+        if matches!(job, Some(Job::Collect)) {
+            self.collect_pending.store(false, Ordering::Release);
+        }
+        job
+    }
+
+    fn close(&self) {
+        self.is_closed.store(true, Ordering::Release);
+        self.closed.signal();
+    }
+
+    /// Closed, and nothing left in it.
+    fn is_closed(&self) -> bool {
+        self.is_closed.load(Ordering::Acquire) && self.len.load(Ordering::Acquire) == 0
+    }
+}
+
+/// An eventfd: level-triggered "something is there" for an epoll set.
+struct EventFd(OwnedFd);
+
+impl EventFd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain eventfd creation; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Makes it readable (until reset).
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd. Only fails if the counter would overflow,
+        // which needs 2^64 - 1 signals without a reset: it is readable then anyway.
+        unsafe { libc::write(self.fd(), (&raw const one).cast(), size_of::<u64>()) };
+    }
+
+    /// Makes it not readable.
+    fn reset(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd; EAGAIN if already zero.
+        unsafe { libc::read(self.fd(), (&raw mut count).cast(), size_of::<u64>()) };
+    }
+}
+
+/// An epoll instance.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain epoll creation; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd` for input, level-triggered. `exclusive`: one readiness wakes one of the epoll sets
+    /// waiting on it, not all (`EPOLLEXCLUSIVE`).
+    fn add(&self, fd: RawFd, token: u64, exclusive: bool) -> io::Result<()> {
+        let flags = if exclusive { libc::EPOLLIN | libc::EPOLLEXCLUSIVE } else { libc::EPOLLIN };
+        // Both flags are positive bit masks, so the absolute value is the same bits.
+        let mut event = libc::epoll_event { events: flags.unsigned_abs(), u64: token };
+        // SAFETY: valid epoll and target descriptors, and a valid event.
+        if unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut event) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&self, fd: RawFd) {
+        // SAFETY: valid descriptors; a descriptor not in the set is an error we do not care about.
+        unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+    }
+
+    /// Waits for events, until `deadline` if given; an interrupted wait returns none.
+    fn wait<'a>(
+        &self,
+        events: &'a mut [libc::epoll_event],
+        deadline: Option<Instant>,
+    ) -> io::Result<&'a [libc::epoll_event]> {
+        let capacity = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+        // Rounded up, so a wait never ends a hair before the deadline and spins.
+        let timeout = deadline.map_or(-1, |deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
+        });
+        // SAFETY: `events` is valid for `capacity` entries.
+        let ready = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), capacity, timeout) };
+        if ready < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::Interrupted { Ok(&[]) } else { Err(err) };
+        }
+        Ok(&events[..ready.unsigned_abs() as usize])
+    }
+}

@@ -1,0 +1,273 @@
+//! A request as the thread that runs the app receives it: the packet, parsed once ([`RequestHead`], with
+//! every var's place recorded so nothing walks the block again), and the [`Body`] (the bytes that came with
+//! the packet, and the socket for the rest). Also the framing both the serving threads and the I/O runtime
+//! apply to the first bytes of a connection. No pyo3 here.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use oxwsgi_proto::{parse_packet, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
+
+use super::conn::Conn;
+use crate::metrics::layout::Method;
+use crate::response::parse_decimal;
+
+/// Bodies up to this size are read into memory by the I/O runtime before the app starts, when they did not
+/// come whole with the packet, so a slow or stalled peer never holds a Python thread for them. Nearly every
+/// form and JSON POST is below it; larger bodies (uploads) are read by the app as it asks, in bounded
+/// memory, straight from the socket.
+pub const BUFFERED_BODY_MAX: u64 = 64 * 1024;
+/// Size of each read of a large body from the socket.
+pub const BODY_READ_SIZE: usize = 64 * 1024;
+
+/// `SERVER_NAME` / `SERVER_PORT` fallbacks for the socket a request came in on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub server_name: String,
+    pub server_port: String,
+}
+
+/// How the first bytes of a connection frame a WSGI request.
+#[derive(Debug, Clone, Copy)]
+pub struct Framing {
+    /// Header and vars block.
+    pub packet_len: usize,
+    pub content_length: u64,
+    pub method: Method,
+}
+
+/// Why a packet cannot be served, before its body.
+#[derive(Debug)]
+pub enum FramingError {
+    Protocol(ProtocolError),
+    BadRequest(&'static str),
+    BodyTooLarge { length: u64, limit: u64 },
+}
+
+/// Frames the WSGI request at the start of `buf` (header modifier1 must be 0): `Ok(None)` until the whole
+/// vars block is in. Checks what the app relies on: a method, a decimal `CONTENT_LENGTH`, `--limit-post`.
+pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Option<Framing>, FramingError> {
+    let Some((packet, packet_len)) = parse_packet(buf, limits).map_err(FramingError::Protocol)? else {
+        return Ok(None);
+    };
+    debug_assert_eq!(packet.header.modifier1, MODIFIER_WSGI);
+    let vars = packet.vars;
+    let method = vars.get(b"REQUEST_METHOD").ok_or(FramingError::BadRequest("no REQUEST_METHOD"))?;
+    let content_length = match vars.get(b"CONTENT_LENGTH") {
+        None | Some(b"") => 0,
+        Some(value) => {
+            parse_decimal(value).ok_or(FramingError::BadRequest("CONTENT_LENGTH is not a number"))?
+        }
+    };
+    if let Some(limit) = limit_post.filter(|&limit| content_length > limit) {
+        return Err(FramingError::BodyTooLarge { length: content_length, limit });
+    }
+    Ok(Some(Framing { packet_len, content_length, method: Method::from_bytes(method) }))
+}
+
+/// Where one var sits in the vars block.
+#[derive(Debug, Clone, Copy)]
+struct VarSpan {
+    key: (u16, u16),
+    value: (u16, u16),
+}
+
+/// The parsed packet of one request.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The vars block, exactly as received.
+    block: Bytes,
+    vars: Vec<VarSpan>,
+    pub method: Method,
+    pub content_length: u64,
+    pub line: RequestLine,
+    pub listener: Arc<ListenerInfo>,
+    pub accepted_at: Instant,
+}
+
+impl RequestHead {
+    /// Indexes the vars of a packet [`frame`] accepted, taking the packet off the front of `buf`.
+    pub(super) fn take(
+        buf: &mut BytesMut,
+        framing: &Framing,
+        listener: Arc<ListenerInfo>,
+        accepted_at: Instant,
+    ) -> Self {
+        let block = buf.split_to(framing.packet_len).freeze().slice(HEADER_LEN..);
+        // `frame` validated this block; re-walking it cannot fail, and the records' places are taken from
+        // the slices the walk yields.
+        let records =
+            oxwsgi_proto::parse_vars(&block, usize::MAX).map(|vars| vars.iter()).into_iter().flatten();
+        let span = |part: &[u8]| {
+            let start = part.as_ptr() as usize - block.as_ptr() as usize;
+            // The block is at most 65535 bytes (a u16 datasize), so every offset fits.
+            (start as u16, part.len() as u16)
+        };
+        let vars: Vec<VarSpan> =
+            records.map(|(key, value)| VarSpan { key: span(key), value: span(value) }).collect();
+        let find = |name: &[u8]| {
+            vars.iter()
+                .rev()
+                .find(|v| &block[usize::from(v.key.0)..][..usize::from(v.key.1)] == name)
+                .map(|v| v.value)
+        };
+        let uri = find(b"REQUEST_URI").or_else(|| find(b"PATH_INFO")).unwrap_or((0, 0));
+        let method_span = find(b"REQUEST_METHOD").unwrap_or((0, 0));
+        let line = RequestLine { block: block.clone(), method: method_span, uri };
+        Self {
+            block,
+            vars,
+            method: framing.method,
+            content_length: framing.content_length,
+            line,
+            listener,
+            accepted_at,
+        }
+    }
+
+    /// The vars as `(key, value)`, in wire order, duplicates included.
+    pub fn vars(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.vars.iter().map(|v| (slice(&self.block, v.key), slice(&self.block, v.value)))
+    }
+
+    /// A HEAD request: the app runs, but no body bytes are written.
+    pub fn head_only(&self) -> bool {
+        self.method == Method::Head
+    }
+}
+
+fn slice(block: &[u8], (start, len): (u16, u16)) -> &[u8] {
+    &block[usize::from(start)..][..usize::from(len)]
+}
+
+/// `METHOD /uri` of a request, for log lines; cheap to clone (it shares the packet).
+#[derive(Debug, Clone)]
+pub struct RequestLine {
+    block: Bytes,
+    method: (u16, u16),
+    uri: (u16, u16),
+}
+
+impl fmt::Display for RequestLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let method = String::from_utf8_lossy(slice(&self.block, self.method));
+        let uri = String::from_utf8_lossy(slice(&self.block, self.uri));
+        write!(f, "{method} {uri}")
+    }
+}
+
+/// The request body: `CONTENT_LENGTH` bytes, the first of which came with the packet; the rest, if any,
+/// are read from the socket as the app asks.
+#[derive(Debug)]
+pub struct Body {
+    /// Received, not yet given to the app.
+    current: Bytes,
+    /// Still to come.
+    unread: u64,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// Nothing more to read.
+    Complete,
+    /// The rest comes from this connection, each wait bounded by the timeout.
+    Socket(Arc<Conn>, Duration),
+    /// The body cannot be completed: reads past `current` fail with this.
+    Failed(io::ErrorKind, &'static str),
+}
+
+impl Body {
+    /// A body that is all in memory.
+    pub(super) fn complete(received: Bytes) -> Self {
+        Self { current: received, unread: 0, source: Source::Complete }
+    }
+
+    /// A body of which `unread` bytes are still on `conn`.
+    pub(super) fn streaming(received: Bytes, unread: u64, conn: Arc<Conn>, timeout: Duration) -> Self {
+        Self { current: received, unread, source: Source::Socket(conn, timeout) }
+    }
+
+    /// A body that stopped arriving after `received` (`unread` bytes never came).
+    pub(super) fn failed(received: Bytes, unread: u64, error: io::ErrorKind, why: &'static str) -> Self {
+        Self { current: received, unread, source: Source::Failed(error, why) }
+    }
+
+    /// Bytes still on the socket: what must be drained if the app does not read them.
+    pub fn on_socket(&self) -> u64 {
+        if matches!(self.source, Source::Socket(..)) {
+            self.unread
+        } else {
+            0
+        }
+    }
+
+    /// Bytes left for the app: in memory and still to come.
+    pub fn available(&self) -> u64 {
+        self.current.len() as u64 + self.unread
+    }
+
+    /// The received bytes not yet taken.
+    pub fn buffered(&mut self) -> &mut Bytes {
+        &mut self.current
+    }
+
+    /// Makes the buffered bytes non-empty unless the body is exhausted; `Ok(false)` at its end. May wait for
+    /// the socket (call it with the interpreter released).
+    pub fn fill(&mut self) -> io::Result<bool> {
+        if !self.current.is_empty() {
+            return Ok(true);
+        }
+        if self.unread == 0 {
+            return Ok(false);
+        }
+        let (conn, timeout) = match &self.source {
+            Source::Socket(conn, timeout) => (conn, *timeout),
+            Source::Failed(kind, why) => return Err(io::Error::new(*kind, *why)),
+            Source::Complete => return Ok(false),
+        };
+        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(BODY_READ_SIZE);
+        let mut chunk = BytesMut::zeroed(want);
+        match conn.read_body(&mut chunk, timeout) {
+            Ok(0) => Err(self
+                .fail(io::ErrorKind::UnexpectedEof, "the connection closed before the whole body arrived")),
+            Ok(read) => {
+                chunk.truncate(read);
+                self.unread -= read as u64;
+                self.current = chunk.freeze();
+                if self.unread == 0 {
+                    // Let go of the connection: the response side closes it as soon as it is done.
+                    self.source = Source::Complete;
+                }
+                Ok(true)
+            }
+            Err(err) if err.kind() == io::ErrorKind::TimedOut => {
+                Err(self.fail(io::ErrorKind::TimedOut, "timed out waiting for the request body"))
+            }
+            Err(err) => {
+                self.source = Source::Failed(err.kind(), "error reading the request body");
+                Err(err)
+            }
+        }
+    }
+
+    /// After a failure the body is unusable: later reads fail the same way instead of waiting again.
+    fn fail(&mut self, kind: io::ErrorKind, why: &'static str) -> io::Error {
+        self.source = Source::Failed(kind, why);
+        io::Error::new(kind, why)
+    }
+
+    /// The request is over: no more reads (the app may keep `wsgi.input`, but not the connection). Returns
+    /// how many body bytes are still on the socket, to drain before closing it.
+    pub fn end(&mut self) -> u64 {
+        let on_socket = self.on_socket();
+        self.current = Bytes::new();
+        self.unread = 0;
+        self.source =
+            Source::Failed(io::ErrorKind::Other, "the request is over: wsgi.input cannot be read after it");
+        on_socket
+    }
+}
