@@ -20,6 +20,9 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Room for a response head without growing: a status line and a few headers.
+const HEAD_CAPACITY: usize = 256;
+
 /// The head sent when the app fails before producing one.
 pub const INTERNAL_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\nInternal Server Error\n";
 
@@ -72,7 +75,7 @@ impl Head {
         headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<Self, HeadError> {
         let code = parse_status(status).ok_or_else(|| HeadError::Status(latin1_lossy(status)))?;
-        let mut bytes = Vec::with_capacity(256);
+        let mut bytes = Vec::with_capacity(HEAD_CAPACITY);
         bytes.extend_from_slice(b"HTTP/1.1 ");
         bytes.extend_from_slice(status);
         bytes.extend_from_slice(b"\r\n");
@@ -107,14 +110,24 @@ impl Head {
 
     /// The finished head. `body_len` is the whole body's length when the server knows it; it becomes a
     /// `Content-Length` header unless the app declared one or the status forbids a body.
-    pub fn finish(mut self, body_len: Option<u64>) -> Vec<u8> {
+    pub fn finish(&self, body_len: Option<u64>) -> Vec<u8> {
+        self.encode(body_len, 0)
+    }
+
+    /// [`Head::finish`] into a buffer with `room` bytes to spare, for a small body to follow in the same
+    /// write.
+    pub fn encode(&self, body_len: Option<u64>, room: usize) -> Vec<u8> {
+        /// `Content-Length: ` + 20 digits + CRLF + the blank line.
+        const DERIVED_LENGTH_ROOM: usize = 40;
+        let mut bytes = Vec::with_capacity(self.bytes.len() + DERIVED_LENGTH_ROOM + room);
+        bytes.extend_from_slice(&self.bytes);
         if let (None, Some(len), false) = (self.content_length, body_len, self.forbids_body()) {
-            self.bytes.extend_from_slice(b"Content-Length: ");
-            self.bytes.extend_from_slice(len.to_string().as_bytes());
-            self.bytes.extend_from_slice(b"\r\n");
+            bytes.extend_from_slice(b"Content-Length: ");
+            push_decimal(&mut bytes, len);
+            bytes.extend_from_slice(b"\r\n");
         }
-        self.bytes.extend_from_slice(b"\r\n");
-        self.bytes
+        bytes.extend_from_slice(b"\r\n");
+        bytes
     }
 }
 
@@ -154,9 +167,52 @@ fn is_control(byte: u8) -> bool {
     byte < 0x20 || byte == 0x7f
 }
 
-/// RFC 9110 `tchar`.
+/// RFC 9110 `tchar`, looked up in a table: every byte of every header name passes through here.
 fn is_token_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+    TOKEN_BYTES[usize::from(byte)]
+}
+
+const TOKEN_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        table[byte] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        byte += 1;
+    }
+    table
+};
+
+/// Appends `value` in decimal, without the allocation `to_string` makes.
+fn push_decimal(bytes: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20]; // u64::MAX has 20 digits
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    bytes.extend_from_slice(&digits[start..]);
 }
 
 /// A plain non-negative decimal, as HTTP wants for Content-Length (no sign, no spaces, no hex).
@@ -233,6 +289,14 @@ mod tests {
     }
 
     #[test]
+    fn token_bytes_are_exactly_rfc_9110_tchar() {
+        let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        for byte in 0..=255u8 {
+            assert_eq!(is_token_byte(byte), tchar(byte), "byte {byte:#04x}");
+        }
+    }
+
+    #[test]
     fn content_length_must_be_one_decimal() {
         assert!(matches!(head("200 OK", &[("Content-Length", "-1")]), Err(HeadError::ContentLength(_))));
         assert!(matches!(head("200 OK", &[("Content-Length", "0x10")]), Err(HeadError::ContentLength(_))));
@@ -243,6 +307,15 @@ mod tests {
         assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
         assert_eq!(parse_decimal(b"18446744073709551616"), None);
         assert_eq!(parse_decimal(b""), None);
+    }
+
+    #[test]
+    fn derived_lengths_are_written_in_decimal() {
+        for len in [0, 7, 10, 1_048_576, u64::MAX] {
+            let head = head("200 OK", &[]).unwrap().finish(Some(len));
+            let expected = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+            assert_eq!(String::from_utf8(head).unwrap(), expected);
+        }
     }
 
     #[test]

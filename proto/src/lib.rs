@@ -13,7 +13,8 @@
 //! - `header`: the 4-byte header, modifier constants, [`pong`].
 //! - `vars`: the key/value record grammar and the borrowed [`Vars`] view.
 //! - `error`: [`ProtocolError`].
-//! - this file: [`Limits`], [`parse_packet`], [`encode_packet`], [`looks_like_http`].
+//! - this file: [`Limits`], [`parse_packet`] (and [`parse_packet_each`]), [`encode_packet`],
+//!   [`looks_like_http`].
 
 pub mod error;
 pub mod header;
@@ -21,7 +22,7 @@ pub mod vars;
 
 pub use error::ProtocolError;
 pub use header::{parse_header, pong, Header, HEADER_LEN, MODIFIER2_PONG, MODIFIER_PING, MODIFIER_WSGI};
-pub use vars::{parse_vars, Vars, VarsIter};
+pub use vars::{parse_vars, parse_vars_each, Vars, VarsIter};
 
 /// Default for [`Limits::max_datasize`]: the largest block nginx will ever send. nginx itself
 /// refuses to build a bigger packet (`uwsgi request is too big`, answered 500), so this accepts
@@ -78,6 +79,16 @@ pub fn parse_packet<'a>(
     input: &'a [u8],
     limits: &Limits,
 ) -> Result<Option<(Packet<'a>, usize)>, ProtocolError> {
+    parse_packet_each(input, limits, |_, _| ())
+}
+
+/// [`parse_packet`], handing each var to `visit` as it is validated (see [`parse_vars_each`]): one walk
+/// of the block for a caller that needs every var. `visit` is called only once the whole block is in.
+pub fn parse_packet_each<'a>(
+    input: &'a [u8],
+    limits: &Limits,
+    visit: impl FnMut(&'a [u8], &'a [u8]),
+) -> Result<Option<(Packet<'a>, usize)>, ProtocolError> {
     let Some(header) = parse_header(input)? else {
         return Ok(None);
     };
@@ -91,7 +102,7 @@ pub fn parse_packet<'a>(
     let Some(block) = input.get(HEADER_LEN..consumed) else {
         return Ok(None);
     };
-    let vars = parse_vars(block, limits.max_vars)?;
+    let vars = parse_vars_each(block, limits.max_vars, visit)?;
     Ok(Some((Packet { header, vars }, consumed)))
 }
 

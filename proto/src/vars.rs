@@ -4,11 +4,10 @@
 
 use std::iter::FusedIterator;
 
-use nom::combinator::verify;
+use nom::bytes::complete::take;
 use nom::error::ErrorKind;
-use nom::multi::length_data;
-use nom::number::le_u16;
-use nom::{IResult, Parser};
+use nom::number::complete::le_u16;
+use nom::IResult;
 
 use crate::ProtocolError;
 
@@ -105,7 +104,14 @@ impl FusedIterator for VarsIter<'_> {}
 // allocated for it). Runs in nom's complete mode: the caller hands over the whole block, so
 // running out of bytes here means truncated, not incomplete.
 fn parse_record(input: &[u8]) -> IResult<&[u8], (&[u8], &[u8])> {
-    (verify(length_data(le_u16()), |key: &[u8]| !key.is_empty()), length_data(le_u16())).parse_complete(input)
+    let (input, key_len) = le_u16(input)?;
+    if key_len == 0 {
+        return Err(nom::Err::Error(nom::error::Error::new(input, ErrorKind::Verify)));
+    }
+    let (input, key) = take(key_len)(input)?;
+    let (input, value_len) = le_u16(input)?;
+    let (input, value) = take(value_len)(input)?;
+    Ok((input, (key, value)))
 }
 
 // vars = record*          ; exactly `datasize` bytes, no padding, no terminator
@@ -117,6 +123,17 @@ fn parse_record(input: &[u8]) -> IResult<&[u8], (&[u8], &[u8])> {
 /// `max_vars` records; the count is checked before each record is read, so an oversized block
 /// costs at most `max_vars` record reads.
 pub fn parse_vars(block: &[u8], max_vars: usize) -> Result<Vars<'_>, ProtocolError> {
+    parse_vars_each(block, max_vars, |_, _| ())
+}
+
+/// [`parse_vars`], handing each record to `visit` in wire order as it is validated: a caller that needs
+/// every record (a server indexing them) walks the block once instead of validating, then iterating.
+/// On an error, `visit` has seen the records before the bad one.
+pub fn parse_vars_each<'a>(
+    block: &'a [u8],
+    max_vars: usize,
+    mut visit: impl FnMut(&'a [u8], &'a [u8]),
+) -> Result<Vars<'a>, ProtocolError> {
     let mut rest = block;
     let mut count = 0;
     while !rest.is_empty() {
@@ -125,7 +142,10 @@ pub fn parse_vars(block: &[u8], max_vars: usize) -> Result<Vars<'_>, ProtocolErr
         }
         let offset = block.len() - rest.len();
         rest = match parse_record(rest) {
-            Ok((after, _)) => after,
+            Ok((after, (key, value))) => {
+                visit(key, value);
+                after
+            }
             Err(nom::Err::Error(error) | nom::Err::Failure(error)) if error.code == ErrorKind::Verify => {
                 return Err(ProtocolError::EmptyKey { offset });
             }
@@ -140,7 +160,7 @@ pub fn parse_vars(block: &[u8], max_vars: usize) -> Result<Vars<'_>, ProtocolErr
 
 #[cfg(test)]
 mod tests {
-    use super::parse_vars;
+    use super::{parse_vars, parse_vars_each};
     use crate::ProtocolError;
 
     /// One record in wire form; lengths are taken from the slices (tests keep them small).
@@ -167,6 +187,20 @@ mod tests {
         assert_eq!(vars.get(b"PATH_INFO"), Some(&b"/"[..]));
         assert_eq!(vars.get(b"path_info"), None, "keys are compared byte for byte");
         assert_eq!(vars.as_bytes(), block);
+    }
+
+    #[test]
+    fn each_record_is_visited_once_in_wire_order() {
+        let block = [record(b"A", b"1"), record(b"B", b""), record(b"A", b"2")].concat();
+        let mut seen = Vec::new();
+        let vars = parse_vars_each(&block, 10, |key, value| seen.push((key, value))).unwrap();
+        assert_eq!(seen, vars.iter().collect::<Vec<_>>());
+        assert_eq!(seen.len(), 3);
+        // An error stops the walk at the bad record.
+        let bad = [record(b"A", b"1"), b"\x05\x00K".to_vec()].concat();
+        let mut seen = 0;
+        assert!(parse_vars_each(&bad, 10, |_, _| seen += 1).is_err());
+        assert_eq!(seen, 1);
     }
 
     #[test]

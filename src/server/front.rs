@@ -227,14 +227,15 @@ impl Front {
         self: &Arc<Self>,
         arrival: Arrival,
         buf: &mut BytesMut,
-        framing: &Framing,
+        framing: Framing,
         body: impl FnOnce(Bytes, u64, &Arc<Conn>) -> Body,
     ) -> Request {
         let listener = Arc::clone(&self.listeners[arrival.listener].info);
+        let content_length = framing.content_length;
         let head = RequestHead::take(buf, framing, listener, arrival.accepted_at);
-        let in_buffer = usize::try_from(framing.content_length).unwrap_or(usize::MAX).min(buf.len());
+        let in_buffer = usize::try_from(content_length).unwrap_or(usize::MAX).min(buf.len());
         let received = buf.split_to(in_buffer).freeze();
-        let unread = framing.content_length - received.len() as u64;
+        let unread = content_length - received.len() as u64;
         let conn = Arc::new(arrival.conn);
         let body = body(received, unread, &conn);
         let record = Record {
@@ -242,7 +243,7 @@ impl Front {
             line: head.line.clone(),
             accepted_at: arrival.accepted_at,
             head_only: head.head_only(),
-            request_body_bytes: framing.content_length,
+            request_body_bytes: content_length,
             status: 0,
             head_bytes: 0,
             body_bytes: 0,
@@ -588,7 +589,7 @@ impl Acceptor {
             return None;
         }
         let timeout = front.config.socket_timeout;
-        let request = self.front.request(arrival, &mut self.buf, &framing, |received, unread, conn| {
+        let request = self.front.request(arrival, &mut self.buf, framing, |received, unread, conn| {
             if unread == 0 {
                 Body::complete(received)
             } else {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use oxwsgi_proto::{parse_packet, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
+use oxwsgi_proto::{parse_packet_each, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
 
 use super::conn::Conn;
 use crate::metrics::layout::Method;
@@ -30,13 +30,16 @@ pub struct ListenerInfo {
     pub server_port: String,
 }
 
-/// How the first bytes of a connection frame a WSGI request.
-#[derive(Debug, Clone, Copy)]
+/// How the first bytes of a connection frame a WSGI request, with every var's place in the block.
+#[derive(Debug)]
 pub struct Framing {
     /// Header and vars block.
     pub packet_len: usize,
     pub content_length: u64,
     pub method: Method,
+    vars: Vec<VarSpan>,
+    method_span: Span,
+    uri: Span,
 }
 
 /// Why a packet cannot be served, before its body.
@@ -47,16 +50,51 @@ pub enum FramingError {
     BodyTooLarge { length: u64, limit: u64 },
 }
 
+/// Vars a request usually has; the index is allocated for this many at once.
+const EXPECTED_VARS: usize = 32;
+
+/// Where a key or value sits in the vars block: offset and length (the block is at most 65535 bytes).
+type Span = (u16, u16);
+
+/// Where one var sits in the vars block.
+#[derive(Debug, Clone, Copy)]
+struct VarSpan {
+    key: Span,
+    value: Span,
+}
+
 /// Frames the WSGI request at the start of `buf` (header modifier1 must be 0): `Ok(None)` until the whole
 /// vars block is in. Checks what the app relies on: a method, a decimal `CONTENT_LENGTH`, `--limit-post`.
+///
+/// The block is walked once: validated, indexed, and the vars the server itself reads picked out on the
+/// way, so nothing walks it again (the environ and the log line read the index).
 pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Option<Framing>, FramingError> {
-    let Some((packet, packet_len)) = parse_packet(buf, limits).map_err(FramingError::Protocol)? else {
+    let block_start = buf.as_ptr() as usize + HEADER_LEN;
+    // The block is at most 65535 bytes (a u16 datasize), so every offset and length fits.
+    let span = |part: &[u8]| ((part.as_ptr() as usize - block_start) as u16, part.len() as u16);
+    let mut vars = Vec::new();
+    let (mut method, mut content_length, mut request_uri, mut path_info) = (None, None, None, None);
+    let visit = |key: &[u8], value| {
+        if vars.capacity() == 0 {
+            vars.reserve(EXPECTED_VARS);
+        }
+        vars.push(VarSpan { key: span(key), value: span(value) });
+        // Assigned at each occurrence: the last one wins, as in `Vars::get` and uWSGI.
+        match key {
+            b"REQUEST_METHOD" => method = Some(value),
+            b"CONTENT_LENGTH" => content_length = Some(value),
+            b"REQUEST_URI" => request_uri = Some(value),
+            b"PATH_INFO" => path_info = Some(value),
+            _ => {}
+        }
+    };
+    let Some((packet, packet_len)) = parse_packet_each(buf, limits, visit).map_err(FramingError::Protocol)?
+    else {
         return Ok(None);
     };
     debug_assert_eq!(packet.header.modifier1, MODIFIER_WSGI);
-    let vars = packet.vars;
-    let method = vars.get(b"REQUEST_METHOD").ok_or(FramingError::BadRequest("no REQUEST_METHOD"))?;
-    let content_length = match vars.get(b"CONTENT_LENGTH") {
+    let method_value = method.ok_or(FramingError::BadRequest("no REQUEST_METHOD"))?;
+    let content_length = match content_length {
         None | Some(b"") => 0,
         Some(value) => {
             parse_decimal(value).ok_or(FramingError::BadRequest("CONTENT_LENGTH is not a number"))?
@@ -65,14 +103,14 @@ pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Opt
     if let Some(limit) = limit_post.filter(|&limit| content_length > limit) {
         return Err(FramingError::BodyTooLarge { length: content_length, limit });
     }
-    Ok(Some(Framing { packet_len, content_length, method: Method::from_bytes(method) }))
-}
-
-/// Where one var sits in the vars block.
-#[derive(Debug, Clone, Copy)]
-struct VarSpan {
-    key: (u16, u16),
-    value: (u16, u16),
+    Ok(Some(Framing {
+        packet_len,
+        content_length,
+        method: Method::from_bytes(method_value),
+        vars,
+        method_span: span(method_value),
+        uri: request_uri.or(path_info).map_or((0, 0), span),
+    }))
 }
 
 /// The parsed packet of one request.
@@ -89,37 +127,18 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// Indexes the vars of a packet [`frame`] accepted, taking the packet off the front of `buf`.
+    /// Takes the packet [`frame`] accepted off the front of `buf`.
     pub(super) fn take(
         buf: &mut BytesMut,
-        framing: &Framing,
+        framing: Framing,
         listener: Arc<ListenerInfo>,
         accepted_at: Instant,
     ) -> Self {
         let block = buf.split_to(framing.packet_len).freeze().slice(HEADER_LEN..);
-        // `frame` validated this block; re-walking it cannot fail, and the records' places are taken from
-        // the slices the walk yields.
-        let records =
-            oxwsgi_proto::parse_vars(&block, usize::MAX).map(|vars| vars.iter()).into_iter().flatten();
-        let span = |part: &[u8]| {
-            let start = part.as_ptr() as usize - block.as_ptr() as usize;
-            // The block is at most 65535 bytes (a u16 datasize), so every offset fits.
-            (start as u16, part.len() as u16)
-        };
-        let vars: Vec<VarSpan> =
-            records.map(|(key, value)| VarSpan { key: span(key), value: span(value) }).collect();
-        let find = |name: &[u8]| {
-            vars.iter()
-                .rev()
-                .find(|v| &block[usize::from(v.key.0)..][..usize::from(v.key.1)] == name)
-                .map(|v| v.value)
-        };
-        let uri = find(b"REQUEST_URI").or_else(|| find(b"PATH_INFO")).unwrap_or((0, 0));
-        let method_span = find(b"REQUEST_METHOD").unwrap_or((0, 0));
-        let line = RequestLine { block: block.clone(), method: method_span, uri };
+        let line = RequestLine { block: block.clone(), method: framing.method_span, uri: framing.uri };
         Self {
             block,
-            vars,
+            vars: framing.vars,
             method: framing.method,
             content_length: framing.content_length,
             line,
@@ -133,13 +152,18 @@ impl RequestHead {
         self.vars.iter().map(|v| (slice(&self.block, v.key), slice(&self.block, v.value)))
     }
 
+    /// How many vars the packet holds, duplicates included.
+    pub fn var_count(&self) -> usize {
+        self.vars.len()
+    }
+
     /// A HEAD request: the app runs, but no body bytes are written.
     pub fn head_only(&self) -> bool {
         self.method == Method::Head
     }
 }
 
-fn slice(block: &[u8], (start, len): (u16, u16)) -> &[u8] {
+fn slice(block: &[u8], (start, len): Span) -> &[u8] {
     &block[usize::from(start)..][..usize::from(len)]
 }
 
@@ -147,8 +171,8 @@ fn slice(block: &[u8], (start, len): (u16, u16)) -> &[u8] {
 #[derive(Debug, Clone)]
 pub struct RequestLine {
     block: Bytes,
-    method: (u16, u16),
-    uri: (u16, u16),
+    method: Span,
+    uri: Span,
 }
 
 impl fmt::Display for RequestLine {

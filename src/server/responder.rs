@@ -93,14 +93,16 @@ impl Record {
     }
 
     pub fn done(self, front: &Front, end: &End) {
-        front.metrics.request_done(&RequestDone {
-            method: self.method,
-            status: self.status,
-            duration: self.accepted_at.elapsed(),
-            body_bytes: self.request_body_bytes,
-            response_bytes: self.head_bytes + self.body_bytes,
-            write_failed: matches!(end, End::WriteFailed(_)),
-        });
+        if front.metrics.is_enabled() {
+            front.metrics.request_done(&RequestDone {
+                method: self.method,
+                status: self.status,
+                duration: self.accepted_at.elapsed(),
+                body_bytes: self.request_body_bytes,
+                response_bytes: self.head_bytes + self.body_bytes,
+                write_failed: matches!(end, End::WriteFailed(_)),
+            });
+        }
         let line = &self.line;
         match end {
             End::Complete => {}
@@ -148,13 +150,13 @@ impl Responder {
 
     /// Sends `head` (empty once sent) and `body`. Waits only when the I/O runtime already holds
     /// [`STREAM_CHANNEL_PARTS`] parts of this response (call it with the interpreter released).
-    pub fn send(&mut self, head: Bytes, body: Vec<Bytes>) -> Result<(), ClientGone> {
+    pub fn send(&mut self, head: &[u8], body: Vec<Bytes>) -> Result<(), ClientGone> {
         let (conn, record, failed) = match &mut self.state {
             State::Direct { conn, record, failed } => (conn, record, failed),
             State::HandedOff(_) => {
                 let mut parts = body;
                 if !head.is_empty() {
-                    parts.insert(0, head);
+                    parts.insert(0, Bytes::copy_from_slice(head));
                 }
                 return self.forward(Part::Bytes(parts));
             }
@@ -162,13 +164,9 @@ impl Responder {
         };
         record.head_bytes += head.len() as u64;
         record.body_bytes += body.iter().map(|b| b.len() as u64).sum::<u64>();
-        let mut parts = body;
-        if !head.is_empty() {
-            parts.insert(0, head);
-        }
-        match write_now(conn, &mut parts) {
-            Ok(true) => Ok(()),
-            Ok(false) => self.hand_off(Part::Bytes(parts)),
+        match write_now(conn, head, body) {
+            Ok(None) => Ok(()),
+            Ok(Some(rest)) => self.hand_off(Part::Bytes(rest)),
             Err(err) => {
                 *failed = Some(err);
                 Err(ClientGone)
@@ -180,7 +178,7 @@ impl Responder {
     /// socket, never through user space.
     pub fn send_file(
         &mut self,
-        head: Bytes,
+        head: &[u8],
         file: BorrowedFd<'_>,
         mut offset: u64,
         len: u64,
@@ -303,35 +301,50 @@ fn own(file: BorrowedFd<'_>) -> Result<File, ClientGone> {
     })
 }
 
-/// Writes `parts` (advancing them) while the socket takes them: `Ok(true)` when all went out, `Ok(false)`
-/// when the socket is full.
-fn write_now(conn: &Conn, parts: &mut Vec<Bytes>) -> io::Result<bool> {
+/// Writes `head`, then `body`, while the socket takes them: `Ok(None)` when all went out, `Ok(Some(rest))`
+/// with what is left when the socket is full.
+fn write_now(conn: &Conn, head: &[u8], body: Vec<Bytes>) -> io::Result<Option<Vec<Bytes>>> {
+    let total = head.len() + body.iter().map(Bytes::len).sum::<usize>();
+    // The common case, one write of everything, builds nothing on the heap.
+    let written = match with_slices(head, &body, |slices| conn.try_write(slices)) {
+        Ok(written) if written == total => return Ok(None),
+        Ok(written) => written,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(err) => return Err(err),
+    };
+    let mut parts = Vec::with_capacity(body.len() + 1);
+    parts.push(Bytes::copy_from_slice(head));
+    parts.extend(body);
     parts.retain(|p| !p.is_empty());
+    advance(&mut parts, written);
     while !parts.is_empty() {
-        let written = with_slices(parts, |slices| conn.try_write(slices));
-        match written {
+        match with_slices(&[], &parts, |slices| conn.try_write(slices)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => advance(parts, written),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Ok(written) => advance(&mut parts, written),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(Some(parts)),
             Err(err) => return Err(err),
         }
     }
-    Ok(true)
+    Ok(None)
 }
 
-/// Calls `write` with `IoSlice`s over (the first [`MAX_IOVECS`] of) `parts`, built on the stack when few.
-pub fn with_slices<T>(parts: &[Bytes], write: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
-    let parts = &parts[..parts.len().min(MAX_IOVECS)];
-    if parts.len() <= STACK_IOVECS {
-        let mut slices = [IoSlice::new(&[]); STACK_IOVECS];
-        for (slice, part) in slices.iter_mut().zip(parts) {
-            *slice = IoSlice::new(part);
-        }
-        write(&slices[..parts.len()])
-    } else {
-        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        write(&slices)
+/// Calls `write` with `IoSlice`s over `first` (if not empty) and (the first [`MAX_IOVECS`] of) `rest`, built
+/// on the stack when few.
+fn with_slices<T>(first: &[u8], rest: &[Bytes], write: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
+    let first = (!first.is_empty()).then(|| IoSlice::new(first));
+    let rest = rest.iter().filter(|part| !part.is_empty()).map(|part| IoSlice::new(part));
+    let mut slices = first.into_iter().chain(rest).take(MAX_IOVECS);
+    let mut on_stack = [IoSlice::new(&[]); STACK_IOVECS];
+    let mut count = 0;
+    for (slot, slice) in on_stack.iter_mut().zip(&mut slices) {
+        *slot = slice;
+        count += 1;
     }
+    if count < STACK_IOVECS {
+        return write(&on_stack[..count]);
+    }
+    let all: Vec<IoSlice<'_>> = on_stack.into_iter().chain(slices).collect();
+    write(&all)
 }
 
 /// Drops `written` bytes from the front of `parts`.

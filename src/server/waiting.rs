@@ -246,7 +246,7 @@ async fn read_request_then_queue<S: Stream>(
         accepted_at: arrival.accepted_at,
         in_flight: arrival.in_flight,
     };
-    let request = front.request(arrival, &mut buf, &framing, |received, unread, conn| match failure {
+    let request = front.request(arrival, &mut buf, framing, |received, unread, conn| match failure {
         Some((kind, why)) => Body::failed(received, unread, kind, why),
         None if unread == 0 => Body::complete(received),
         None => Body::streaming(received, unread, Arc::clone(conn), config.socket_timeout),

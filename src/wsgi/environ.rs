@@ -5,6 +5,7 @@
 //! need no interpreter (scheme, host fallbacks) are plain functions, tested without Python.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -65,10 +66,59 @@ const COMMON_KEYS: &[&str] = &[
     "HTTP_CONTENT_LENGTH",
 ];
 
-/// What is the same for every request, built once per process.
+/// Room in every environ for the vars and the server's own entries: nginx's `uwsgi_params` and a
+/// browser's headers come to 25-35 entries. A dict made with this room never grows while it is filled
+/// (one built from empty would be rebuilt three times). An environ with more simply grows.
+const ENVIRON_ROOM: usize = 48;
+
+/// Hashes the interned keys' table cheaply: a multiply-rotate per 8 bytes instead of std's `SipHash`, which cost
+/// more than the lookup it served. The table is fixed (the keys above); a client choosing header names can
+/// only make a lookup probe a few more slots of it, never grow it.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // The first and last 8 bytes (overlapping when shorter than 16) and the length set apart every key
+        // nginx sends: `HTTP_` prefixes are shared, endings are not.
+        let (head, tail) =
+            if let (Some(head), Some(tail)) = (bytes.first_chunk::<8>(), bytes.last_chunk::<8>()) {
+                (u64::from_le_bytes(*head), u64::from_le_bytes(*tail))
+            } else {
+                let short = bytes.iter().fold(0u64, |word, &byte| word << 8 | u64::from(byte));
+                (short, short)
+            };
+        self.0 = (self.0 ^ head ^ tail.rotate_left(32)).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_usize(&mut self, len: usize) {
+        self.0 = (self.0 ^ len as u64).rotate_left(7);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Values longer than this are not kept for the next request (a long cookie is rarely sent twice in a row
+/// to one thread, and would be held for the thread's life).
+const MAX_REMEMBERED_VALUE: usize = 256;
+
+/// An interned key and the last value it had, as bytes and as the `str` given for them.
+struct KnownKey {
+    key: Py<PyString>,
+    last: Option<(Vec<u8>, Py<PyString>)>,
+}
+
+/// What is the same for every request, built once per thread.
+///
+/// Values that repeat from one request to the next (the protocol, the scheme, the host, the port, the
+/// client's address and browser, an empty `CONTENT_LENGTH`) are given as the same `str` object again — it
+/// is immutable — instead of being decoded and freed on every request.
 pub(super) struct EnvironTemplate {
-    keys: HashMap<&'static [u8], Py<PyString>>,
-    /// `wsgi.version`, `wsgi.errors`, `wsgi.multithread`, ... merged into every environ.
+    keys: HashMap<&'static [u8], KnownKey, BuildHasherDefault<KeyHasher>>,
+    /// `wsgi.version`, `wsgi.errors`, `wsgi.multithread`, ...: every environ starts as a copy of this dict,
+    /// which Python makes with one copy of its table (and keeps its room for the vars).
     constants: Py<PyDict>,
     script_name: Py<PyString>,
     server_name: Py<PyString>,
@@ -83,16 +133,19 @@ pub(super) struct EnvironTemplate {
 
 impl EnvironTemplate {
     pub(super) fn new(py: Python<'_>, multithread: bool, multiprocess: bool) -> PyResult<Self> {
-        let keys = COMMON_KEYS.iter().map(|k| (k.as_bytes(), PyString::intern(py, k).unbind())).collect();
-        let constants = PyDict::new(py);
-        constants.set_item("wsgi.version", (1, 0))?;
-        constants.set_item("wsgi.errors", Py::new(py, ErrorStream::new())?)?;
-        constants.set_item("wsgi.multithread", multithread)?;
-        constants.set_item("wsgi.multiprocess", multiprocess)?;
-        constants.set_item("wsgi.run_once", false)?;
-        constants.set_item("wsgi.file_wrapper", PyType::new::<FileWrapper>(py))?;
-        constants.set_item("oxwsgi.version", env!("CARGO_PKG_VERSION"))?;
+        let keys = COMMON_KEYS
+            .iter()
+            .map(|k| (k.as_bytes(), KnownKey { key: PyString::intern(py, k).unbind(), last: None }))
+            .collect();
         let intern = |s: &str| PyString::intern(py, s).unbind();
+        let constants = empty_dict_with_room(py)?;
+        constants.set_item(intern("wsgi.version"), (1, 0))?;
+        constants.set_item(intern("wsgi.errors"), Py::new(py, ErrorStream::new())?)?;
+        constants.set_item(intern("wsgi.multithread"), multithread)?;
+        constants.set_item(intern("wsgi.multiprocess"), multiprocess)?;
+        constants.set_item(intern("wsgi.run_once"), false)?;
+        constants.set_item(intern("wsgi.file_wrapper"), PyType::new::<FileWrapper>(py))?;
+        constants.set_item(intern("oxwsgi.version"), env!("CARGO_PKG_VERSION"))?;
         Ok(Self {
             keys,
             constants: constants.unbind(),
@@ -110,23 +163,23 @@ impl EnvironTemplate {
 
     /// A fresh environ for `request`, with `input` as `wsgi.input`.
     pub(super) fn build<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         request: &RequestHead,
         input: &Bound<'py, Input>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let environ = PyDict::new(py);
+        let environ = self.constants.bind(py).copy()?;
         let mut seen = Seen::default();
         for (name, value) in request.vars() {
             if name == b"HTTP_CONTENT_TYPE" || name == b"HTTP_CONTENT_LENGTH" {
                 continue; // nginx sends these twice; PEP 3333 (and wsgiref.validate) want only CONTENT_*
             }
             seen.note(name, value);
-            let key = match self.keys.get(name) {
-                Some(key) => key.bind(py).clone(),
-                None => latin1(py, name)?,
+            let (key, value) = match self.keys.get_mut(name) {
+                Some(known) => (known.key.bind(py).clone(), known.value(py, value)?),
+                None => (latin1(py, name)?, latin1(py, value)?),
             };
-            insert(&environ, &key, &latin1(py, value)?, name)?;
+            insert(&environ, &key, &value, name)?;
         }
         if !seen.script_name {
             environ.set_item(self.script_name.bind(py), self.empty.bind(py))?;
@@ -148,12 +201,30 @@ impl EnvironTemplate {
         }
         let scheme = if https { &self.https } else { &self.http };
         environ.set_item(self.url_scheme.bind(py), scheme.bind(py))?;
-        environ.update(self.constants.bind(py).as_mapping())?;
         environ.set_item(self.input.bind(py), input)?;
         if seen.dechunked() {
             environ.set_item(self.input_terminated.bind(py), true)?;
         }
         Ok(environ)
+    }
+}
+
+impl KnownKey {
+    /// `value` as a `str`: the one given last time if the bytes are the same.
+    fn value<'py>(&mut self, py: Python<'py>, value: &[u8]) -> PyResult<Bound<'py, PyString>> {
+        if let Some((bytes, text)) = &self.last {
+            if bytes.as_slice() == value {
+                return Ok(text.bind(py).clone());
+            }
+        }
+        let text = latin1(py, value)?;
+        if value.len() <= MAX_REMEMBERED_VALUE {
+            let mut bytes = self.last.take().map(|(bytes, _)| bytes).unwrap_or_default();
+            bytes.clear();
+            bytes.extend_from_slice(value);
+            self.last = Some((bytes, text.clone().unbind()));
+        }
+        Ok(text)
     }
 }
 
@@ -180,6 +251,18 @@ fn insert(
     } else {
         environ.set_item(key, value)
     }
+}
+
+/// An empty dict with room for [`ENVIRON_ROOM`] entries; copies of it keep the room.
+fn empty_dict_with_room(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    extern "C" {
+        // CPython's own presized constructor (its bytecode uses it for dict displays); exported by every
+        // CPython 3 release, though not part of the limited API. Called once per thread, at start.
+        fn _PyDict_NewPresized(minused: ffi::Py_ssize_t) -> *mut ffi::PyObject;
+    }
+    let room = ffi::Py_ssize_t::try_from(ENVIRON_ROOM).unwrap_or(ffi::Py_ssize_t::MAX);
+    // SAFETY: returns a new reference to an empty dict, or NULL with an exception set.
+    unsafe { Ok(Bound::from_owned_ptr_or_err(py, _PyDict_NewPresized(room))?.cast_into_unchecked()) }
 }
 
 /// A `str` with the code points of `bytes` (latin-1), as PEP 3333 wants for CGI values.

@@ -9,11 +9,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
 use tracing::{debug, error};
 
 use super::environ::EnvironTemplate;
 use super::harakiri::{self, Board};
-use super::response::{drive, lock, Failure, Sink, StartResponse};
+use super::response::{answer_internal_error, drive, lock, Failure, Sink, StartResponse};
 use super::streams::Input;
 use super::{traceback, App};
 use crate::config::PoolConfig;
@@ -51,15 +52,20 @@ impl Pool {
         let threads = config.threads.get();
         metrics.threads(threads);
         let app = Arc::new(app.callable);
-        let board = Board::new(threads);
-        if let Some(limit) = config.harakiri {
-            harakiri::watch(Arc::clone(&board), limit, on_harakiri)
-                .map_err(|e| StartError(format!("cannot start the harakiri watchdog: {e}")))?;
-        }
+        // Without --harakiri there is nothing to watch, and no request pays for publishing itself.
+        let board = match config.harakiri {
+            Some(limit) => {
+                let board = Board::new(threads);
+                harakiri::watch(Arc::clone(&board), limit, on_harakiri)
+                    .map_err(|e| StartError(format!("cannot start the harakiri watchdog: {e}")))?;
+                Some(board)
+            }
+            None => None,
+        };
         let handles = (0..threads)
             .map(|index| {
                 let acceptor = front.acceptor()?;
-                let thread = PoolThread { index, app: Arc::clone(&app), board: Arc::clone(&board), metrics };
+                let thread = PoolThread { index, app: Arc::clone(&app), board: board.clone(), metrics };
                 let front = Arc::clone(front);
                 std::thread::Builder::new()
                     .name(format!("oxwsgi-py-{index}"))
@@ -91,7 +97,7 @@ impl Pool {
 struct PoolThread {
     index: usize,
     app: Arc<Py<PyAny>>,
-    board: Arc<Board>,
+    board: Option<Arc<Board>>,
     metrics: Recorder,
 }
 
@@ -102,9 +108,11 @@ fn serve_requests(
     front: &Arc<Front>,
     config: PoolConfig,
 ) {
-    thread.board.register_thread(thread.index, py);
+    if let Some(board) = &thread.board {
+        board.register_thread(thread.index, py);
+    }
     // Per thread, so `wsgi.errors` lines from different threads never interleave.
-    let environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
+    let mut environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
         Ok(environ) => environ,
         Err(err) => {
             error!("cannot prepare the WSGI environ template; this thread stops:\n{}", traceback(py, &err));
@@ -115,15 +123,24 @@ fn serve_requests(
     while let Some(job) = py.detach(|| acceptor.next_job()) {
         let Job::Request(request) = job else { continue };
         let index = thread.index;
-        thread.board.start(index, &request.head.line);
-        let started = Instant::now();
-        thread.metrics.app_started(index, started.saturating_duration_since(request.head.accepted_at));
+        if let Some(board) = &thread.board {
+            board.start(index, &request.head.line);
+        }
+        // The clock is read only for what is counted.
+        let started = thread.metrics.is_enabled().then(Instant::now);
+        if let Some(started) = started {
+            thread.metrics.app_started(index, started.saturating_duration_since(request.head.accepted_at));
+        }
         // A bug of ours must cost one request, not a thread of the pool.
         let ran =
-            std::panic::catch_unwind(AssertUnwindSafe(|| run(py, &thread.app, &environ, front, request)));
-        thread.board.finish(index);
+            std::panic::catch_unwind(AssertUnwindSafe(|| run(py, &thread.app, &mut environ, front, request)));
+        if let Some(board) = &thread.board {
+            board.finish(index);
+        }
         let raised = ran.as_ref().map_or(true, |outcome| *outcome == Outcome::AppFailed);
-        thread.metrics.app_finished(index, started.elapsed(), raised);
+        if let Some(started) = started {
+            thread.metrics.app_finished(index, started.elapsed(), raised);
+        }
         if ran.is_err() {
             error!("internal error while running a request; the thread continues");
         }
@@ -166,32 +183,28 @@ enum Outcome {
 fn run(
     py: Python<'_>,
     app: &Py<PyAny>,
-    environ: &EnvironTemplate,
+    environ: &mut EnvironTemplate,
     front: &Arc<Front>,
     request: Request,
 ) -> Outcome {
     let Request { head, body, responder } = request;
     let line = head.line.clone();
-    let sink = Sink::new(responder, head.head_only(), Arc::clone(front));
     let input = match Bound::new(py, Input::new(body)) {
         Ok(input) => input,
         Err(err) => {
             error!(request = %line, "cannot create wsgi.input:\n{}", traceback(py, &err));
-            lock(py, &sink).end(py, 0);
+            py.detach(|| answer_internal_error(responder));
             return Outcome::AppFailed;
         }
     };
+    let sink = Sink::new(responder, head.head_only(), input.clone().unbind(), Arc::clone(front));
     let ending = EndRequest { sink: Arc::clone(&sink), input: input.clone() };
     let result = (|| -> Result<(), Failure> {
         let environ = environ.build(py, &head, &input)?;
         let start_response = Bound::new(py, StartResponse::new(Arc::clone(&sink)))?;
         let iterable = app.bind(py).call1((environ, start_response))?;
-        let driven = drive(py, &iterable, &sink);
-        if driven.is_ok() && input.get().on_socket(py) == 0 && lock(py, &sink).complete() {
-            // Nothing left to read: the connection is closed now, before the app's close() runs its
-            // teardown, so nginx is not kept waiting for it.
-            ending.end();
-        }
+        // The connection is closed with the last write when the body was all read (see `Sink`).
+        let driven = drive(py, &iterable, &sink, front);
         let closed = close(&iterable);
         match (driven, closed) {
             (Err(failure), Err(err)) => {
@@ -226,6 +239,10 @@ fn run(
 
 /// PEP 3333: the iterable's `close()` is called however the request ended.
 fn close(iterable: &Bound<'_, PyAny>) -> PyResult<()> {
+    // A plain list or tuple has none; looking would raise (and build) an AttributeError per request.
+    if iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>() {
+        return Ok(());
+    }
     match iterable.getattr(pyo3::intern!(iterable.py(), "close")) {
         Ok(close) => close.call0().map(drop),
         Err(err) if err.is_instance_of::<pyo3::exceptions::PyAttributeError>(iterable.py()) => Ok(()),

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use super::streams::FileWrapper;
+use super::streams::{FileWrapper, Input};
 use crate::response::{Head, INTERNAL_ERROR};
 use crate::server::{ClientGone, Front, Responder};
 
@@ -43,7 +44,10 @@ pub(super) struct Sink {
     body_bytes: u64,
     /// nginx closed the connection: the errors this causes in the app are not the app's fault.
     client_gone: bool,
-    /// Where large chunks ask for a Python thread to free them once written elsewhere.
+    /// The request's `wsgi.input`: once the response is complete and the body all read, the connection
+    /// is closed at once, in the same release of the interpreter as the last write.
+    input: Py<Input>,
+    /// Where large chunks from `write()` ask for a Python thread to free them once written elsewhere.
     front: Arc<Front>,
 }
 
@@ -80,12 +84,28 @@ pub(super) fn lock<'a>(py: Python<'_>, sink: &'a Mutex<Sink>) -> MutexGuard<'a, 
 
 /// What one step of the response writes.
 struct Outgoing {
-    head: Bytes,
+    head: Vec<u8>,
     body: Vec<Bytes>,
 }
 
+/// The whole body of a list or tuple response.
+enum Whole<'py> {
+    /// All `bytes` items, `total` bytes together, small enough to copy into the buffer after the head: one
+    /// buffer, one write, no other allocation.
+    Small {
+        items: Bound<'py, PyAny>,
+        total: usize,
+    },
+    Chunks(Vec<Bytes>),
+}
+
 impl Sink {
-    pub(super) fn new(responder: Responder, head_only: bool, front: Arc<Front>) -> Arc<Mutex<Self>> {
+    pub(super) fn new(
+        responder: Responder,
+        head_only: bool,
+        input: Py<Input>,
+        front: Arc<Front>,
+    ) -> Arc<Mutex<Self>> {
         let sink = Self {
             responder: Some(responder),
             sent: Sent::Nothing,
@@ -93,6 +113,7 @@ impl Sink {
             head_only,
             body_bytes: 0,
             client_gone: false,
+            input,
             front,
         };
         Arc::new(Mutex::new(sink))
@@ -100,10 +121,6 @@ impl Sink {
 
     pub(super) fn client_gone(&self) -> bool {
         self.client_gone
-    }
-
-    pub(super) fn complete(&self) -> bool {
-        self.sent == Sent::Complete
     }
 
     fn no_body(&self, head: &Head) -> bool {
@@ -126,13 +143,13 @@ impl Sink {
         (chunk, Flow::More)
     }
 
-    /// The head, finished with `body_len` as its derived `Content-Length`, now sent.
-    fn take_head(&mut self, body_len: Option<u64>) -> Result<Bytes, Failure> {
-        let head = self.head.clone().ok_or_else(missing_start_response)?;
+    /// The head, finished with `body_len` as its derived `Content-Length` and `room` to spare, now sent.
+    fn take_head(&mut self, body_len: Option<u64>, room: usize) -> Result<Vec<u8>, Failure> {
+        let head = self.head.as_ref().ok_or_else(missing_start_response)?;
         if let Some(responder) = &mut self.responder {
             responder.set_status(head.status());
         }
-        Ok(head.finish(body_len).into())
+        Ok(head.encode(body_len, room))
     }
 
     /// Takes one non-empty chunk: what to write for it, and whether the app should go on.
@@ -141,27 +158,27 @@ impl Sink {
             Sent::Complete => Ok((None, Flow::Enough)),
             Sent::Streaming => {
                 let (chunk, flow) = self.within_length(chunk);
-                let write = (!chunk.is_empty()).then(|| Outgoing { head: Bytes::new(), body: vec![chunk] });
+                let write = (!chunk.is_empty()).then(|| Outgoing { head: Vec::new(), body: vec![chunk] });
                 Ok((write, flow))
             }
             Sent::Nothing => {
                 let no_body = self.no_body(self.head.as_ref().ok_or_else(missing_start_response)?);
                 if no_body {
-                    let head = self.take_head(None)?;
+                    let head = self.take_head(None, 0)?;
                     self.sent = Sent::Complete;
                     return Ok((Some(Outgoing { head, body: Vec::new() }), Flow::Enough));
                 }
                 let (chunk, flow) = self.within_length(chunk);
-                let head = self.take_head(None)?;
+                let head = self.take_head(None, 0)?;
                 self.sent = Sent::Streaming;
                 Ok((Some(Outgoing { head, body: vec![chunk] }), flow))
             }
         }
     }
 
-    /// The iterable is exhausted. `collected` holds the whole body when the result was a list or tuple.
+    /// The iterable is exhausted. `whole` holds the whole body when the result was a list or tuple.
     /// Returns what is left to write.
-    fn finish(&mut self, collected: Option<Vec<Bytes>>) -> Result<Option<Outgoing>, Failure> {
+    fn finish(&mut self, whole: Option<Whole<'_>>) -> Result<Option<Outgoing>, Failure> {
         match self.sent {
             Sent::Complete => return Ok(None),
             Sent::Streaming => {
@@ -178,26 +195,39 @@ impl Sink {
             }
             Sent::Nothing => {}
         }
-        let head = self.head.clone().ok_or_else(missing_start_response)?;
-        let mut body = collected.unwrap_or_default();
-        let mut total: u64 = body.iter().map(|c| c.len() as u64).sum();
-        if let Some(declared) = head.content_length() {
-            if total > declared {
-                truncate_body(&mut body, declared);
-                total = declared;
-            } else if total < declared && !self.no_body(&head) {
+        let head = self.head.as_ref().ok_or_else(missing_start_response)?;
+        let no_body = self.no_body(head);
+        let produced = match &whole {
+            Some(Whole::Small { total, .. }) => *total as u64,
+            Some(Whole::Chunks(chunks)) => chunks.iter().map(|c| c.len() as u64).sum(),
+            None => 0,
+        };
+        let total = match head.content_length() {
+            Some(declared) if produced < declared && !no_body => {
                 return Err(Failure::Wsgi(format!(
-                    "the app declared Content-Length {declared} but produced {total} bytes"
+                    "the app declared Content-Length {declared} but produced {produced} bytes"
                 )));
             }
-        }
+            Some(declared) => produced.min(declared),
+            None => produced,
+        };
         // A HEAD answered without a body says nothing about the GET body's length: derive none.
         let derived = (!(self.head_only && total == 0)).then_some(total);
-        if self.no_body(&head) {
-            body.clear();
-        }
-        let head = self.take_head(derived)?;
+        let sent = if no_body { 0 } else { usize::try_from(total).unwrap_or(usize::MAX) };
+        let room = if matches!(whole, Some(Whole::Small { .. })) { sent } else { 0 };
+        let mut head = self.take_head(derived, room)?;
         self.sent = Sent::Complete;
+        let body = match whole {
+            Some(Whole::Small { items, .. }) => {
+                append_up_to(&mut head, &items, sent)?;
+                Vec::new()
+            }
+            Some(Whole::Chunks(mut chunks)) => {
+                truncate_body(&mut chunks, sent as u64);
+                chunks
+            }
+            None => Vec::new(),
+        };
         Ok(Some(Outgoing { head, body }))
     }
 
@@ -205,10 +235,27 @@ impl Sink {
     fn write(&mut self, py: Python<'_>, write: Outgoing) -> Result<(), Failure> {
         let Some(responder) = self.responder.as_mut() else { return Err(Failure::ClientGone) };
         let Outgoing { head, body } = write;
-        match py.detach(|| responder.send(head, body)) {
+        match py.detach(|| responder.send(&head, body)) {
             Ok(()) => Ok(()),
             Err(ClientGone) => Err(self.gone()),
         }
+    }
+
+    /// The response is complete: writes what is left of it and, if the app read the whole request body,
+    /// closes the connection in the same release of the interpreter (before the iterable's `close()` runs
+    /// the app's teardown: nginx need not wait for it).
+    fn write_last(&mut self, py: Python<'_>, last: Option<Outgoing>) -> Result<(), Failure> {
+        if self.input.get().on_socket(py) > 0 {
+            // The rest of the body is drained once the request ends (the app may still read it).
+            return last.map_or(Ok(()), |last| self.write(py, last));
+        }
+        let Some(mut responder) = self.responder.take() else { return Err(Failure::ClientGone) };
+        let sent = py.detach(|| {
+            let sent = last.map_or(Ok(()), |Outgoing { head, body }| responder.send(&head, body));
+            responder.finish(0);
+            sent
+        });
+        sent.map_err(|ClientGone| self.gone())
     }
 
     fn gone(&mut self) -> Failure {
@@ -226,13 +273,22 @@ impl Sink {
             Sent::Nothing => py.detach(|| {
                 responder.set_status(500);
                 // If nginx is gone there is no one to tell; the responder records the failed write.
-                let _ = responder.send(Bytes::from_static(INTERNAL_ERROR), Vec::new());
+                let _ = responder.send(INTERNAL_ERROR, Vec::new());
                 responder.finish(unread);
             }),
             Sent::Streaming => py.detach(|| responder.abort()),
         }
         self.sent = Sent::Complete;
     }
+}
+
+/// A 500 for a request that failed before anything was sent, then the end of the connection. Writes:
+/// call it with the interpreter released.
+pub(super) fn answer_internal_error(mut responder: Responder) {
+    responder.set_status(500);
+    // If nginx is gone there is no one to tell; the responder records the failed write.
+    let _ = responder.send(INTERNAL_ERROR, Vec::new());
+    responder.finish(0);
 }
 
 fn truncate_body(body: &mut Vec<Bytes>, limit: u64) {
@@ -262,12 +318,10 @@ fn emit(py: Python<'_>, sink: &Mutex<Sink>, chunk: Bytes) -> Result<Flow, Failur
     Ok(flow)
 }
 
-fn finish(py: Python<'_>, sink: &Mutex<Sink>, collected: Option<Vec<Bytes>>) -> Result<(), Failure> {
+fn finish(py: Python<'_>, sink: &Mutex<Sink>, whole: Option<Whole<'_>>) -> Result<(), Failure> {
     let mut sink = lock(py, sink);
-    match sink.finish(collected)? {
-        Some(write) => sink.write(py, write),
-        None => Ok(()),
-    }
+    let last = sink.finish(whole)?;
+    sink.write_last(py, last)
 }
 
 /// A `wsgi.file_wrapper` over a regular file, before anything was sent: the head with the file's length
@@ -278,10 +332,11 @@ fn send_file(py: Python<'_>, sink: &Mutex<Sink>, wrapper: &FileWrapper) -> Resul
         return Ok(false);
     }
     let Some((fd, offset, available)) = wrapper.regular_file(py) else { return Ok(false) };
-    let head = sink.head.clone().ok_or_else(missing_start_response)?;
-    let length = head.content_length().map_or(available, |declared| declared.min(available));
-    let no_body = sink.no_body(&head);
-    let derived = sink.take_head(Some(length))?;
+    let head = sink.head.as_ref().ok_or_else(missing_start_response)?;
+    let declared = head.content_length();
+    let length = declared.map_or(available, |declared| declared.min(available));
+    let no_body = sink.no_body(head);
+    let derived = sink.take_head(Some(length), 0)?;
     sink.sent = Sent::Complete;
     sink.body_bytes = length;
     let Some(responder) = sink.responder.as_mut() else { return Err(Failure::ClientGone) };
@@ -290,29 +345,47 @@ fn send_file(py: Python<'_>, sink: &Mutex<Sink>, wrapper: &FileWrapper) -> Resul
     let file = unsafe { BorrowedFd::borrow_raw(fd) };
     let sent = py.detach(|| {
         if no_body {
-            responder.send(derived, Vec::new())
+            responder.send(&derived, Vec::new())
         } else {
-            responder.send_file(derived, file, offset, length)
+            responder.send_file(&derived, file, offset, length)
         }
     });
     if sent.is_err() {
         return Err(sink.gone());
     }
-    if let Some(declared) = head.content_length().filter(|&declared| declared > available && !no_body) {
+    if let Some(declared) = declared.filter(|&declared| declared > available && !no_body) {
         sink.sent = Sent::Streaming; // aborted when the request ends
         return Err(Failure::Wsgi(format!(
             "the app declared Content-Length {declared} but the file has {available} bytes from its position"
         )));
     }
+    sink.write_last(py, None)?;
     Ok(true)
 }
 
-/// A body chunk from the app: `bytes` only (PEP 3333), large ones shared rather than copied.
-fn chunk_from(value: &Bound<'_, PyAny>, front: &Arc<Front>) -> Result<Bytes, Failure> {
-    let bytes = value.cast::<PyBytes>().map_err(|_| {
+/// A body chunk from the app: `bytes` only (PEP 3333).
+fn bytes_of<'a, 'py>(value: &'a Bound<'py, PyAny>) -> Result<&'a Bound<'py, PyBytes>, Failure> {
+    value.cast::<PyBytes>().map_err(|_| {
         let kind = value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string());
         Failure::Wsgi(format!("the app produced a {kind} body chunk; WSGI bodies must be bytes"))
-    })?;
+    })
+}
+
+/// Appends the `bytes` items of a list or tuple to `buf`, up to `limit` bytes in all.
+fn append_up_to(buf: &mut Vec<u8>, items: &Bound<'_, PyAny>, mut limit: usize) -> Result<(), Failure> {
+    for item in items.try_iter()? {
+        let item = item?;
+        let data = bytes_of(&item)?.as_bytes();
+        let take = data.len().min(limit);
+        buf.extend_from_slice(&data[..take]);
+        limit -= take;
+    }
+    Ok(())
+}
+
+/// A body chunk from the app as `Bytes`: large ones shared with the Python object rather than copied.
+fn chunk_from(value: &Bound<'_, PyAny>, front: &Arc<Front>) -> Result<Bytes, Failure> {
+    let bytes = bytes_of(value)?;
     let data = bytes.as_bytes();
     if data.len() <= COPY_CHUNKS_UP_TO {
         return Ok(Bytes::copy_from_slice(data));
@@ -357,8 +430,12 @@ impl AsRef<[u8]> for SharedPyBytes {
 }
 
 /// Runs the iterable the app returned to its end (or until the response is complete), writing as it goes.
-pub(super) fn drive(py: Python<'_>, iterable: &Bound<'_, PyAny>, sink: &Mutex<Sink>) -> Result<(), Failure> {
-    let front = Arc::clone(&lock(py, sink).front);
+pub(super) fn drive(
+    py: Python<'_>,
+    iterable: &Bound<'_, PyAny>,
+    sink: &Mutex<Sink>,
+    front: &Arc<Front>,
+) -> Result<(), Failure> {
     if let Ok(wrapper) = iterable.cast_exact::<FileWrapper>() {
         if send_file(py, sink, wrapper.get())? {
             return Ok(());
@@ -366,12 +443,21 @@ pub(super) fn drive(py: Python<'_>, iterable: &Bound<'_, PyAny>, sink: &Mutex<Si
     }
     let is_sequence = iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
     if is_sequence && lock(py, sink).sent == Sent::Nothing {
-        let chunks =
-            iterable.try_iter()?.map(|item| chunk_from(&item?, &front)).collect::<Result<Vec<_>, _>>()?;
-        return finish(py, sink, Some(chunks));
+        let mut total = 0;
+        for item in iterable.try_iter()? {
+            total += bytes_of(&item?)?.as_bytes().len();
+        }
+        if total <= COPY_CHUNKS_UP_TO {
+            return finish(py, sink, Some(Whole::Small { items: iterable.clone(), total }));
+        }
+        let mut chunks = Vec::with_capacity(iterable.len().unwrap_or(0));
+        for item in iterable.try_iter()? {
+            chunks.push(chunk_from(&item?, front)?);
+        }
+        return finish(py, sink, Some(Whole::Chunks(chunks)));
     }
     for item in iterable.try_iter()? {
-        if emit(py, sink, chunk_from(&item?, &front)?)? == Flow::Enough {
+        if emit(py, sink, chunk_from(&item?, front)?)? == Flow::Enough {
             break;
         }
     }
@@ -416,38 +502,65 @@ impl StartResponse {
             let value = value.call_method1("with_traceback", (exc_info.get_item(2)?,))?;
             return Err(PyErr::from_value(value));
         }
-        let status = latin1(status, "status")?;
+        let status = native(status, "status")?;
         let headers = headers.cast::<PyList>().map_err(|_| {
             PyTypeError::new_err("start_response() headers must be a list of (name, value) tuples")
         })?;
-        let mut pairs = Vec::with_capacity(headers.len());
+        // The strings are held here while the head borrows their bytes.
+        let mut fields = Vec::with_capacity(headers.len());
         for item in headers.iter() {
             let pair =
                 item.cast::<PyTuple>().ok().filter(|t| t.len() == 2).ok_or_else(|| {
                     PyTypeError::new_err("each header must be a (name, value) tuple of str")
                 })?;
-            pairs.push((
-                latin1(&pair.get_item(0)?, "header name")?,
-                latin1(&pair.get_item(1)?, "header value")?,
+            fields.push((
+                native(&pair.get_item(0)?, "header name")?,
+                native(&pair.get_item(1)?, "header value")?,
             ));
         }
-        let head = Head::new(&status, pairs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let head =
+            Head::new(latin1(&status), fields.iter().map(|(name, value)| (latin1(name), latin1(value))))
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
         lock(headers.py(), &self.sink).head = Some(head);
         Ok(Write { sink: Arc::clone(&self.sink) })
     }
 }
 
-/// A native string (PEP 3333): a `str` whose characters all fit in latin-1, as its latin-1 bytes.
-fn latin1(value: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+/// A native string (PEP 3333): a `str` whose characters all fit in latin-1.
+fn native<'py>(value: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyString>> {
     let text = value
         .cast::<PyString>()
-        .map_err(|_| PyTypeError::new_err(format!("start_response() {what} must be a str")))?
-        .to_cow()?;
-    text.chars()
-        .map(|c| u8::try_from(u32::from(c)).ok())
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| PyValueError::new_err(format!("start_response() {what} {text:?} is not latin-1")))
+        .map_err(|_| PyTypeError::new_err(format!("start_response() {what} must be a str")))?;
+    if latin1_bytes(text).is_none() {
+        let text = text.to_cow().unwrap_or_default();
+        return Err(PyValueError::new_err(format!("start_response() {what} {text:?} is not latin-1")));
+    }
+    Ok(text.clone())
+}
+
+/// The latin-1 bytes of a string [`native`] accepted.
+fn latin1<'a>(text: &'a Bound<'_, PyString>) -> &'a [u8] {
+    latin1_bytes(text).unwrap_or_default()
+}
+
+/// A `str`'s own bytes when every character fits in latin-1: the interpreter then stores it one byte per character
+/// (it always picks the narrowest width), so these are its latin-1 encoding, read without a copy.
+fn latin1_bytes<'a>(text: &'a Bound<'_, PyString>) -> Option<&'a [u8]> {
+    let ptr = text.as_ptr();
+    // SAFETY: `ptr` is a live str, borrowed for 'a through `text`. PyUnicode_READY makes a (pre-3.12)
+    // legacy string canonical first; then a 1-byte kind means DATA points at GET_LENGTH latin-1 bytes,
+    // which an immutable str never changes.
+    unsafe {
+        if ffi::PyUnicode_READY(ptr) != 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        if ffi::PyUnicode_KIND(ptr) != ffi::PyUnicode_1BYTE_KIND {
+            return None;
+        }
+        let len = usize::try_from(ffi::PyUnicode_GET_LENGTH(ptr)).ok()?;
+        Some(std::slice::from_raw_parts(ffi::PyUnicode_DATA(ptr).cast::<u8>(), len))
+    }
 }
 
 /// The `write()` callable returned by `start_response` (PEP 3333's imperative API).
