@@ -81,13 +81,18 @@ impl Conn {
                 done => return done,
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !wait_readable(self.socket.as_fd(), left)? {
+            if left.is_zero() || !wait_for(self.socket.as_fd(), libc::POLLIN, left)? {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "timed out waiting for the request body",
                 ));
             }
         }
+    }
+
+    /// Waits up to `timeout` for the socket to take more bytes; `false` on timeout.
+    pub fn wait_writable(&self, timeout: Duration) -> io::Result<bool> {
+        wait_for(self.socket.as_fd(), libc::POLLOUT, timeout)
     }
 
     /// Makes the close that ends this connection (when every descriptor of it is dropped) an error for
@@ -164,14 +169,15 @@ pub fn sendfile(
 /// `sendfile(2)` moves at most `0x7ffff000` bytes per call on Linux.
 const MAX_SENDFILE_CHUNK: usize = 0x7fff_f000;
 
-/// Waits up to `timeout` for `fd` to be readable (or closed); `false` on timeout.
-fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+/// Waits up to `timeout` for `events` on `fd` (or an error or hang-up, which the next call reports);
+/// `false` on timeout.
+fn wait_for(fd: BorrowedFd<'_>, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         // Rounded up, so a wait never ends a hair early and spins.
         let millis = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-        let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pollfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
         // SAFETY: one valid pollfd, for the duration of the call.
         let ready = unsafe { libc::poll(&raw mut pollfd, 1, millis) };
         match ready {

@@ -1,6 +1,8 @@
-//! Writing a response from the thread that ran the app: straight to the socket, as much as it takes now;
-//! what it does not take is handed to the I/O runtime with the connection, and later parts follow through
-//! a bounded channel, so a slow reader holds no Python thread for longer than that channel takes to fill.
+//! Writing a response from the thread that ran the app: straight to the socket. A stream's chunks are
+//! written as the app produces them, waiting while the socket is full (the app's iterable holds the thread
+//! anyway). The rest of a complete response is written from the thread while the socket takes it within
+//! [`WRITE_WAIT_ON_THREAD`]; what is left then goes to the I/O runtime with the connection, so a slow
+//! reader does not hold a Python thread.
 //!
 //! Owns what is counted and logged when a response ends ([`Record`]): once, wherever it ends. No pyo3
 //! here.
@@ -9,7 +11,7 @@ use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
@@ -22,10 +24,14 @@ use crate::metrics::layout::Method;
 use crate::metrics::region::InFlight;
 use crate::metrics::RequestDone;
 
-/// Parts queued between the Python thread and a connection the I/O runtime writes: enough to keep the socket
-/// busy while the app produces the next chunk, small enough that a slow client back-pressures a streaming
-/// app instead of buffering its whole output in memory.
-pub const STREAM_CHANNEL_PARTS: usize = 8;
+/// How long the thread that ran the app waits, in all, for a full socket to take the rest of a complete
+/// response before handing the connection to the I/O runtime. Through nginx, which reads its upstream as
+/// fast as it can, a large response (a megabyte, a file) goes out within it and costs no hand-off; a slow
+/// reader holds the thread no longer than this.
+pub const WRITE_WAIT_ON_THREAD: Duration = Duration::from_millis(10);
+/// Parts queued between the thread that ran the app and a handed-off response: after a hand-off only the
+/// end marker (and rarely a file) follows.
+const HANDED_OFF_PARTS: usize = 4;
 /// `writev` accepts at most `IOV_MAX` (1024 on Linux) buffers per call.
 pub const MAX_IOVECS: usize = 1024;
 /// Buffers handed to one `writev` from the stack; more than this (rare) go in a `Vec`.
@@ -148,25 +154,67 @@ impl Responder {
         }
     }
 
-    /// Sends `head` (empty once sent) and `body`. Waits only when the I/O runtime already holds
-    /// [`STREAM_CHANNEL_PARTS`] parts of this response (call it with the interpreter released).
-    pub fn send(&mut self, head: &[u8], body: Vec<Bytes>) -> Result<(), ClientGone> {
+    /// Sends `head` (empty once sent) and `chunk` of a response that goes on (a stream): from this thread,
+    /// waiting while the socket is full, each wait up to the socket timeout. The app's iterable holds this
+    /// thread anyway; handing the connection to the I/O runtime would only add a wake-up per chunk. Call it
+    /// with the interpreter released.
+    pub fn send_more(&mut self, head: &[u8], chunk: &[u8]) -> Result<(), ClientGone> {
+        let timeout = self.front.config.socket_timeout;
         let (conn, record, failed) = match &mut self.state {
             State::Direct { conn, record, failed } => (conn, record, failed),
             State::HandedOff(_) => {
-                let mut parts = body;
-                if !head.is_empty() {
-                    parts.insert(0, Bytes::copy_from_slice(head));
-                }
-                return self.forward(Part::Bytes(parts));
+                let parts = [head, chunk].into_iter().filter(|p| !p.is_empty()).map(Bytes::copy_from_slice);
+                return self.forward(Part::Bytes(parts.collect()));
             }
             State::Closed => return Err(ClientGone),
         };
         record.head_bytes += head.len() as u64;
-        record.body_bytes += body.iter().map(|b| b.len() as u64).sum::<u64>();
-        match write_now(conn, head, body) {
-            Ok(None) => Ok(()),
-            Ok(Some(rest)) => self.hand_off(Part::Bytes(rest)),
+        record.body_bytes += chunk.len() as u64;
+        let parts = [head, chunk];
+        let written = write_from_thread(conn, &parts, Wait::EachUpTo(timeout));
+        match written {
+            Ok(written) if written == head.len() + chunk.len() => Ok(()),
+            Ok(_) => {
+                *failed = Some(io::Error::new(io::ErrorKind::TimedOut, "timed out writing the response"));
+                Err(ClientGone)
+            }
+            Err(err) => {
+                *failed = Some(err);
+                Err(ClientGone)
+            }
+        }
+    }
+
+    /// Sends `head` and `body`, the whole rest of the response: from this thread while the socket takes it
+    /// within [`WRITE_WAIT_ON_THREAD`]; what is left then goes to the I/O runtime with the connection, so a
+    /// slow reader does not hold the thread. Call it with the interpreter released.
+    ///
+    /// `body` is only borrowed (cloned if handed off), so the caller drops the app's buffers where it holds
+    /// the interpreter.
+    pub fn send_last(&mut self, head: &[u8], body: &[Bytes]) -> Result<(), ClientGone> {
+        let owned = |head: &[u8], written: usize| {
+            let mut rest = Vec::with_capacity(body.len() + 1);
+            if written < head.len() {
+                rest.push(Bytes::copy_from_slice(&head[written..]));
+            }
+            rest.extend(body.iter().cloned());
+            advance(&mut rest, written.saturating_sub(head.len()));
+            rest
+        };
+        let (conn, record, failed) = match &mut self.state {
+            State::Direct { conn, record, failed } => (conn, record, failed),
+            State::HandedOff(_) => return self.forward(Part::Bytes(owned(head, 0))),
+            State::Closed => return Err(ClientGone),
+        };
+        let body_len = body.iter().map(Bytes::len).sum::<usize>();
+        record.head_bytes += head.len() as u64;
+        record.body_bytes += body_len as u64;
+        let written = with_parts(head, body, |parts| {
+            write_from_thread(conn, parts, Wait::AllWithin(Instant::now() + WRITE_WAIT_ON_THREAD))
+        });
+        match written {
+            Ok(written) if written == head.len() + body_len => Ok(()),
+            Ok(written) => self.hand_off(Part::Bytes(owned(head, written))),
             Err(err) => {
                 *failed = Some(err);
                 Err(ClientGone)
@@ -175,7 +223,8 @@ impl Responder {
     }
 
     /// Sends `head`, then `len` bytes of `file` from `offset` with `sendfile(2)`: from the page cache to the
-    /// socket, never through user space.
+    /// socket, never through user space. Like [`Responder::send_last`], from this thread for up to
+    /// [`WRITE_WAIT_ON_THREAD`], then from the I/O runtime (with a descriptor of its own for the file).
     pub fn send_file(
         &mut self,
         head: &[u8],
@@ -183,33 +232,41 @@ impl Responder {
         mut offset: u64,
         len: u64,
     ) -> Result<(), ClientGone> {
-        self.send(head, Vec::new())?;
+        let deadline = Instant::now() + WRITE_WAIT_ON_THREAD;
         let (conn, record, failed) = match &mut self.state {
             State::Direct { conn, record, failed } => (conn, record, failed),
-            State::HandedOff(_) => {
-                let file = own(file)?;
-                return self.forward(Part::File { file, offset, len });
-            }
-            State::Closed => return Err(ClientGone),
+            State::HandedOff(_) | State::Closed => return Err(ClientGone),
         };
+        record.head_bytes += head.len() as u64;
         record.body_bytes += len;
+        let written = match write_from_thread(conn, &[head], Wait::AllWithin(deadline)) {
+            Ok(written) => written,
+            Err(err) => {
+                *failed = Some(err);
+                return Err(ClientGone);
+            }
+        };
+        if written < head.len() {
+            let rest = Bytes::copy_from_slice(&head[written..]);
+            self.hand_off(Part::Bytes(vec![rest]))?;
+            return self.forward(Part::File { file: own(file)?, offset, len });
+        }
         let end = offset + len;
         while offset < end {
             let count = usize::try_from(end - offset).unwrap_or(usize::MAX);
-            match conn.try_sendfile(file, &mut offset, count) {
+            let sent = conn.try_sendfile(file, &mut offset, count);
+            let waited = match sent {
                 Ok(0) => {
-                    // The file is shorter than it was when its length was taken: the response cannot be
-                    // completed.
-                    *failed = Some(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the file shrank while being sent",
-                    ));
-                    return Err(ClientGone);
+                    Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while being sent"))
                 }
-                Ok(_) => {}
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    let file = own(file)?;
-                    return self.hand_off(Part::File { file, offset, len: end - offset });
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => wait_writable(conn, deadline),
+                Err(err) => Err(err),
+            };
+            match waited {
+                Ok(true) => {}
+                Ok(false) => {
+                    return self.hand_off(Part::File { file: own(file)?, offset, len: end - offset })
                 }
                 Err(err) => {
                     *failed = Some(err);
@@ -273,7 +330,7 @@ impl Responder {
                 }
             },
         };
-        let (sender, receiver) = mpsc::channel(STREAM_CHANNEL_PARTS);
+        let (sender, receiver) = mpsc::channel(HANDED_OFF_PARTS);
         self.front.spawn(super::waiting::write_rest(conn, first, receiver, record, Arc::clone(&self.front)));
         self.state = State::HandedOff(sender);
         Ok(())
@@ -301,39 +358,76 @@ fn own(file: BorrowedFd<'_>) -> Result<File, ClientGone> {
     })
 }
 
-/// Writes `head`, then `body`, while the socket takes them: `Ok(None)` when all went out, `Ok(Some(rest))`
-/// with what is left when the socket is full.
-fn write_now(conn: &Conn, head: &[u8], body: Vec<Bytes>) -> io::Result<Option<Vec<Bytes>>> {
-    let total = head.len() + body.iter().map(Bytes::len).sum::<usize>();
-    // The common case, one write of everything, builds nothing on the heap.
-    let written = match with_slices(head, &body, |slices| conn.try_write(slices)) {
-        Ok(written) if written == total => return Ok(None),
-        Ok(written) => written,
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(err) => return Err(err),
-    };
-    let mut parts = Vec::with_capacity(body.len() + 1);
-    parts.push(Bytes::copy_from_slice(head));
-    parts.extend(body);
-    parts.retain(|p| !p.is_empty());
-    advance(&mut parts, written);
-    while !parts.is_empty() {
-        match with_slices(&[], &parts, |slices| conn.try_write(slices)) {
+/// How long a write from the app's thread may wait for a full socket.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Each wait up to this long; past it the write fails (the peer stopped reading).
+    EachUpTo(Duration),
+    /// All waits together until this instant; past it the write stops short (the caller hands off).
+    AllWithin(Instant),
+}
+
+/// Writes `parts`, in order, from this thread, waiting while the socket is full as `wait` allows. Returns
+/// how many bytes went out: all of them, or fewer when an [`Wait::AllWithin`] deadline passed.
+fn write_from_thread(conn: &Conn, parts: &[&[u8]], wait: Wait) -> io::Result<usize> {
+    let total = parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut written = 0;
+    while written < total {
+        match with_slices(parts, written, |slices| conn.try_write(slices)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(written) => advance(&mut parts, written),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(Some(parts)),
+            Ok(more) => written += more,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let ready = match wait {
+                    Wait::EachUpTo(timeout) => wait_writable(conn, Instant::now() + timeout)?,
+                    Wait::AllWithin(deadline) => wait_writable(conn, deadline)?,
+                };
+                if !ready {
+                    return match wait {
+                        Wait::EachUpTo(_) => {
+                            Err(io::Error::new(io::ErrorKind::TimedOut, "timed out writing the response"))
+                        }
+                        Wait::AllWithin(_) => Ok(written),
+                    };
+                }
+            }
             Err(err) => return Err(err),
         }
     }
-    Ok(None)
+    Ok(written)
 }
 
-/// Calls `write` with `IoSlice`s over `first` (if not empty) and (the first [`MAX_IOVECS`] of) `rest`, built
-/// on the stack when few.
-fn with_slices<T>(first: &[u8], rest: &[Bytes], write: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
-    let first = (!first.is_empty()).then(|| IoSlice::new(first));
-    let rest = rest.iter().filter(|part| !part.is_empty()).map(|part| IoSlice::new(part));
-    let mut slices = first.into_iter().chain(rest).take(MAX_IOVECS);
+/// Waits until the socket takes more or `deadline` passes (`false`).
+fn wait_writable(conn: &Conn, deadline: Instant) -> io::Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    conn.wait_writable(left)
+}
+
+/// Calls `write` with `head` and `body` as one list of slices, built on the stack when few.
+fn with_parts<T>(head: &[u8], body: &[Bytes], write: impl FnOnce(&[&[u8]]) -> T) -> T {
+    if body.len() < STACK_IOVECS {
+        let mut parts: [&[u8]; STACK_IOVECS] = [&[]; STACK_IOVECS];
+        parts[0] = head;
+        for (slot, part) in parts[1..].iter_mut().zip(body) {
+            *slot = part;
+        }
+        return write(&parts[..=body.len()]);
+    }
+    let parts: Vec<&[u8]> = std::iter::once(head).chain(body.iter().map(|b| &b[..])).collect();
+    write(&parts)
+}
+
+/// Calls `write` with `IoSlice`s over `parts` past their first `skip` bytes (at most [`MAX_IOVECS`] of
+/// them), built on the stack when few.
+fn with_slices<T>(parts: &[&[u8]], mut skip: usize, write: impl FnOnce(&[IoSlice<'_>]) -> T) -> T {
+    let mut slices = parts.iter().filter_map(move |part| {
+        let take = skip.min(part.len());
+        skip -= take;
+        let rest = &part[take..];
+        (!rest.is_empty()).then(|| IoSlice::new(rest))
+    });
     let mut on_stack = [IoSlice::new(&[]); STACK_IOVECS];
     let mut count = 0;
     for (slot, slice) in on_stack.iter_mut().zip(&mut slices) {
@@ -343,7 +437,7 @@ fn with_slices<T>(first: &[u8], rest: &[Bytes], write: impl FnOnce(&[IoSlice<'_>
     if count < STACK_IOVECS {
         return write(&on_stack[..count]);
     }
-    let all: Vec<IoSlice<'_>> = on_stack.into_iter().chain(slices).collect();
+    let all: Vec<IoSlice<'_>> = on_stack.into_iter().chain(slices).take(MAX_IOVECS).collect();
     write(&all)
 }
 

@@ -197,7 +197,7 @@ fn run(
             return Outcome::AppFailed;
         }
     };
-    let sink = Sink::new(responder, head.head_only(), input.clone().unbind(), Arc::clone(front));
+    let sink = Sink::new(responder, head.head_only(), input.clone().unbind());
     let ending = EndRequest { sink: Arc::clone(&sink), input: input.clone() };
     let result = (|| -> Result<(), Failure> {
         let environ = environ.build(py, &head, &input)?;

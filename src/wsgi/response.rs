@@ -47,8 +47,6 @@ pub(super) struct Sink {
     /// The request's `wsgi.input`: once the response is complete and the body all read, the connection
     /// is closed at once, in the same release of the interpreter as the last write.
     input: Py<Input>,
-    /// Where large chunks from `write()` ask for a Python thread to free them once written elsewhere.
-    front: Arc<Front>,
 }
 
 /// Whether the app should keep producing body chunks.
@@ -88,6 +86,9 @@ struct Outgoing {
     body: Vec<Bytes>,
 }
 
+/// One step of a streamed response: the head (empty once sent) and how many bytes of the chunk go out.
+type ChunkWrite = (Vec<u8>, usize);
+
 /// The whole body of a list or tuple response.
 enum Whole<'py> {
     /// All `bytes` items, `total` bytes together, small enough to copy into the buffer after the head: one
@@ -100,12 +101,7 @@ enum Whole<'py> {
 }
 
 impl Sink {
-    pub(super) fn new(
-        responder: Responder,
-        head_only: bool,
-        input: Py<Input>,
-        front: Arc<Front>,
-    ) -> Arc<Mutex<Self>> {
+    pub(super) fn new(responder: Responder, head_only: bool, input: Py<Input>) -> Arc<Mutex<Self>> {
         let sink = Self {
             responder: Some(responder),
             sent: Sent::Nothing,
@@ -114,7 +110,6 @@ impl Sink {
             body_bytes: 0,
             client_gone: false,
             input,
-            front,
         };
         Arc::new(Mutex::new(sink))
     }
@@ -128,19 +123,19 @@ impl Sink {
     }
 
     /// Cuts `chunk` to what a declared Content-Length still allows.
-    fn within_length(&mut self, mut chunk: Bytes) -> (Bytes, Flow) {
+    /// How much of a chunk of `len` bytes a declared Content-Length still allows.
+    fn within_length(&mut self, len: usize) -> (usize, Flow) {
         let Some(declared) = self.head.as_ref().and_then(Head::content_length) else {
-            self.body_bytes += chunk.len() as u64;
-            return (chunk, Flow::More);
+            self.body_bytes += len as u64;
+            return (len, Flow::More);
         };
         let left = declared.saturating_sub(self.body_bytes);
-        if chunk.len() as u64 >= left {
-            chunk.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+        if len as u64 >= left {
             self.body_bytes = declared;
-            return (chunk, Flow::Enough);
+            return (usize::try_from(left).unwrap_or(usize::MAX), Flow::Enough);
         }
-        self.body_bytes += chunk.len() as u64;
-        (chunk, Flow::More)
+        self.body_bytes += len as u64;
+        (len, Flow::More)
     }
 
     /// The head, finished with `body_len` as its derived `Content-Length` and `room` to spare, now sent.
@@ -153,25 +148,26 @@ impl Sink {
     }
 
     /// Takes one non-empty chunk: what to write for it, and whether the app should go on.
-    fn take_chunk(&mut self, chunk: Bytes) -> Result<(Option<Outgoing>, Flow), Failure> {
+    /// Takes one non-empty chunk of `len` bytes: what to write (the head, if it is time, and how many of
+    /// the chunk's bytes), and whether the app should go on.
+    fn take_chunk(&mut self, len: usize) -> Result<(Option<ChunkWrite>, Flow), Failure> {
         match self.sent {
             Sent::Complete => Ok((None, Flow::Enough)),
             Sent::Streaming => {
-                let (chunk, flow) = self.within_length(chunk);
-                let write = (!chunk.is_empty()).then(|| Outgoing { head: Vec::new(), body: vec![chunk] });
-                Ok((write, flow))
+                let (take, flow) = self.within_length(len);
+                Ok(((take > 0).then(|| (Vec::new(), take)), flow))
             }
             Sent::Nothing => {
                 let no_body = self.no_body(self.head.as_ref().ok_or_else(missing_start_response)?);
                 if no_body {
                     let head = self.take_head(None, 0)?;
                     self.sent = Sent::Complete;
-                    return Ok((Some(Outgoing { head, body: Vec::new() }), Flow::Enough));
+                    return Ok((Some((head, 0)), Flow::Enough));
                 }
-                let (chunk, flow) = self.within_length(chunk);
+                let (take, flow) = self.within_length(len);
                 let head = self.take_head(None, 0)?;
                 self.sent = Sent::Streaming;
-                Ok((Some(Outgoing { head, body: vec![chunk] }), flow))
+                Ok((Some((head, take)), flow))
             }
         }
     }
@@ -235,10 +231,24 @@ impl Sink {
     fn write(&mut self, py: Python<'_>, write: Outgoing) -> Result<(), Failure> {
         let Some(responder) = self.responder.as_mut() else { return Err(Failure::ClientGone) };
         let Outgoing { head, body } = write;
-        match py.detach(|| responder.send(&head, body)) {
+        match py.detach(|| responder.send_last(&head, &body)) {
             Ok(()) => Ok(()),
             Err(ClientGone) => Err(self.gone()),
         }
+    }
+
+    /// Writes `head` and `chunk` of a response that goes on (or, once complete, the head alone).
+    fn write_more(&mut self, py: Python<'_>, head: &[u8], chunk: &[u8]) -> Result<(), Failure> {
+        let complete = self.sent == Sent::Complete;
+        let Some(responder) = self.responder.as_mut() else { return Err(Failure::ClientGone) };
+        let sent = py.detach(|| {
+            if complete {
+                responder.send_last(head, &[])
+            } else {
+                responder.send_more(head, chunk)
+            }
+        });
+        sent.map_err(|ClientGone| self.gone())
     }
 
     /// The response is complete: writes what is left of it and, if the app read the whole request body,
@@ -251,10 +261,12 @@ impl Sink {
         }
         let Some(mut responder) = self.responder.take() else { return Err(Failure::ClientGone) };
         let sent = py.detach(|| {
-            let sent = last.map_or(Ok(()), |Outgoing { head, body }| responder.send(&head, body));
+            let sent = last.as_ref().map_or(Ok(()), |last| responder.send_last(&last.head, &last.body));
             responder.finish(0);
             sent
         });
+        // The app's buffers are let go here, with the interpreter held.
+        drop(last);
         sent.map_err(|ClientGone| self.gone())
     }
 
@@ -273,7 +285,7 @@ impl Sink {
             Sent::Nothing => py.detach(|| {
                 responder.set_status(500);
                 // If nginx is gone there is no one to tell; the responder records the failed write.
-                let _ = responder.send(INTERNAL_ERROR, Vec::new());
+                let _ = responder.send_last(INTERNAL_ERROR, &[]);
                 responder.finish(unread);
             }),
             Sent::Streaming => py.detach(|| responder.abort()),
@@ -287,7 +299,7 @@ impl Sink {
 pub(super) fn answer_internal_error(mut responder: Responder) {
     responder.set_status(500);
     // If nginx is gone there is no one to tell; the responder records the failed write.
-    let _ = responder.send(INTERNAL_ERROR, Vec::new());
+    let _ = responder.send_last(INTERNAL_ERROR, &[]);
     responder.finish(0);
 }
 
@@ -306,14 +318,16 @@ fn missing_start_response() -> Failure {
 }
 
 /// Sends one chunk (the head with the first), with the interpreter released.
-fn emit(py: Python<'_>, sink: &Mutex<Sink>, chunk: Bytes) -> Result<Flow, Failure> {
+/// Sends one chunk (the head with the first), straight from the app's `bytes` object, with the interpreter
+/// released: the object is immutable and the caller holds it, so nothing is copied.
+fn emit(py: Python<'_>, sink: &Mutex<Sink>, chunk: &[u8]) -> Result<Flow, Failure> {
     if chunk.is_empty() {
         return Ok(Flow::More);
     }
     let mut sink = lock(py, sink);
-    let (write, flow) = sink.take_chunk(chunk)?;
-    if let Some(write) = write {
-        sink.write(py, write)?;
+    let (write, flow) = sink.take_chunk(chunk.len())?;
+    if let Some((head, take)) = write {
+        sink.write_more(py, &head, &chunk[..take])?;
     }
     Ok(flow)
 }
@@ -345,7 +359,7 @@ fn send_file(py: Python<'_>, sink: &Mutex<Sink>, wrapper: &FileWrapper) -> Resul
     let file = unsafe { BorrowedFd::borrow_raw(fd) };
     let sent = py.detach(|| {
         if no_body {
-            responder.send(&derived, Vec::new())
+            responder.send_last(&derived, &[])
         } else {
             responder.send_file(&derived, file, offset, length)
         }
@@ -411,8 +425,13 @@ struct SharedPyBytes {
 
 impl Drop for SharedPyBytes {
     fn drop(&mut self) {
+        // SAFETY: PyGILState_Check only reads whether this thread holds the interpreter.
+        let attached = unsafe { pyo3::ffi::PyGILState_Check() } == 1;
         drop(self.object.take());
-        self.front.collect_soon();
+        if !attached {
+            // Deferred by pyo3 until some thread takes the interpreter: make one do it soon.
+            self.front.collect_soon();
+        }
     }
 }
 
@@ -457,7 +476,8 @@ pub(super) fn drive(
         return finish(py, sink, Some(Whole::Chunks(chunks)));
     }
     for item in iterable.try_iter()? {
-        if emit(py, sink, chunk_from(&item?, front)?)? == Flow::Enough {
+        let item = item?;
+        if emit(py, sink, bytes_of(&item)?.as_bytes())? == Flow::Enough {
             break;
         }
     }
@@ -572,9 +592,8 @@ pub(super) struct Write {
 #[pymethods]
 impl Write {
     fn __call__(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let front = Arc::clone(&lock(py, &self.sink).front);
-        let chunk = chunk_from(data, &front).map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
-        match emit(py, &self.sink, chunk) {
+        let chunk = bytes_of(data).map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
+        match emit(py, &self.sink, chunk.as_bytes()) {
             Ok(_) => Ok(()),
             Err(Failure::Python(err)) => Err(err),
             Err(Failure::Wsgi(reason)) => Err(PyRuntimeError::new_err(reason)),
