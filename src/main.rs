@@ -97,6 +97,10 @@ fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::I
         }
         fail(err)
     };
+    match deploy::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!("up to {limit} open files"),
+        Err(err) => tracing::warn!("cannot raise the open-files limit: {err}"),
+    }
     let app = match wsgi::load(&config.app) {
         Ok(app) => app,
         Err(err) => return stop(&err),

@@ -883,6 +883,86 @@ fn file_wrapper_starts_at_the_file_position_and_stops_at_content_length() {
     assert_eq!(result.get("wrapper_type"), "'FileWrapper'");
 }
 
+/// The bytes `/file-send` and `/read-chunks` tests use: `i % 251`, so a shifted or cut body shows.
+fn pattern(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn file_wrapper_over_a_real_file_is_sent_without_python_reading_it() {
+    let server = Server::start(&[]);
+    // The file's read() raises: only sendfile(2), from the file to the socket, can serve it.
+    let response = server.get("/file-send?kind=no-read&size=300000&key=nr");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{}", server.log());
+    assert_eq!(response.header("Content-Length"), Some("300000"), "the length comes from the file");
+    assert!(response.body == pattern(300_000), "the file's bytes, all of them, in order");
+    server.wait_result("nr", |r| r.get("file_closed") == "True");
+}
+
+#[test]
+fn file_wrapper_starts_where_the_app_left_the_file_not_where_its_buffer_did() {
+    let server = Server::start(&[]);
+    // read(10) on a buffered file moves the descriptor 8 KiB on; the body must start at byte 10.
+    let response = server.get("/file-send?size=20000&skip=10&key=skip");
+    assert_eq!(response.header("Content-Length"), Some("19990"));
+    assert!(response.body == pattern(20_000)[10..], "the body starts at tell(), not at the fd offset");
+    let result = server.wait_result("skip", |r| r.get("file_closed") == "True");
+    assert_eq!(result.get("skipped"), py_bytes(&pattern(10)));
+}
+
+#[test]
+fn file_wrapper_honours_a_declared_content_length_and_head() {
+    let server = Server::start(&[]);
+    let response = server.get("/file-send?size=5000&cl=100");
+    assert_eq!(response.header("Content-Length"), Some("100"));
+    assert!(response.body == pattern(100));
+    // HEAD: the head with the file's length, no body.
+    let response = server.send(&RequestBuilder::new("HEAD", "/file-send?size=5000&key=head"));
+    assert_eq!(response.header("Content-Length"), Some("5000"));
+    assert!(response.body.is_empty(), "{response:?}");
+    server.wait_result("head", |r| r.get("file_closed") == "True");
+    // Declared longer than the file: the response cannot be completed, and is not passed off as complete.
+    let mut conn = server.connect();
+    conn.write_all(&RequestBuilder::get("/file-send?size=50&cl=100").encode()).unwrap();
+    let got = match conn.read_to_end_result() {
+        Ok(got) | Err((_, got)) => got,
+    };
+    let response = Response::parse(got).expect("the head went out");
+    assert_eq!(response.header("Content-Length"), Some("100"));
+    assert!(response.body.len() < 100, "{response:?}");
+    server.wait_log("but the file has 50 bytes");
+}
+
+#[test]
+fn file_wrapper_without_a_file_descriptor_is_read_in_blksize_blocks() {
+    let server = Server::start(&[]);
+    let response = server.get("/file-send?kind=bytesio&size=1000&blksize=7&key=bio");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK");
+    assert!(response.body == pattern(1000));
+    server.wait_result("bio", |r| r.get("file_closed") == "True");
+}
+
+#[test]
+fn a_file_for_a_slow_reader_leaves_the_only_thread_free() {
+    let server = Server::builder().tcp().args(&["--threads", "1"]).start();
+    let size = 8 * 1024 * 1024;
+    let mut slow = server.connect_tcp_small_rcvbuf(4096);
+    slow.write_all(&RequestBuilder::get(&format!("/file-send?kind=no-read&size={size}")).encode()).unwrap();
+    let mut got = slow.read_head();
+    // The file does not fit in the socket buffers: its rest waits for this client, and the one Python
+    // thread must not wait with it.
+    let other = server.get("/peak");
+    assert_eq!(other.status_line, "HTTP/1.1 200 OK", "another request while the file is pending");
+    let head_len = find(&got, b"\r\n\r\n").unwrap() + 4;
+    let mut buf = vec![0u8; 64 * 1024];
+    while got.len() < head_len + size {
+        let n = slow.read(&mut buf).expect("read the file");
+        assert!(n > 0, "EOF after {} of {size} body bytes; log:\n{}", got.len() - head_len, server.log());
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got[head_len..] == pattern(size)[..], "the file arrives whole and in order");
+}
+
 #[test]
 fn head_requests_get_the_head_only() {
     let server = Server::start(&[]);
@@ -961,6 +1041,94 @@ fn no_content_and_not_modified_send_no_body() {
     server.wait_result("nc", |r| r.get("closed") == "True");
     let response = server.get("/no-content?kind=list&status=304+Not+Modified");
     assert_eq!(response.raw, b"HTTP/1.1 304 Not Modified\r\nX-Kind: list\r\n\r\n");
+}
+
+// --- memory ---------------------------------------------------------------------------------------
+
+/// A large body, read or produced in 64 KiB pieces, must not grow the worker by more than this: it is never
+/// held whole.
+const BOUNDED_GROWTH: u64 = 16 * 1024 * 1024;
+
+/// How much the resident memory of `pid` peaks above where it was, while `run` runs.
+fn rss_growth(pid: u32, run: impl FnOnce()) -> u64 {
+    let status = |field: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the server's status");
+        let line = text.lines().find(|l| l.starts_with(field)).expect("a VmRSS/VmHWM line");
+        line.split_whitespace().nth(1).and_then(|kib| kib.parse::<u64>().ok()).expect("kB") * 1024
+    };
+    // Resets the peak (VmHWM) to the present resident size.
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the server's peak RSS");
+    let before = status("VmRSS:");
+    run();
+    status("VmHWM:").saturating_sub(before)
+}
+
+#[test]
+fn a_100_mib_upload_read_in_64_kib_pieces_keeps_the_worker_small() {
+    let server = Server::start(&[]);
+    let size = 100 * 1024 * 1024;
+    let request = RequestBuilder::post("/read-chunks?size=65536", &pattern(size));
+    server.get("/peak"); // the first request's one-time allocations are not the body's
+    let mut report = None;
+    let growth = rss_growth(server.pid(), || report = Some(Report::parse(&server.send(&request).body)));
+    assert_eq!(report.unwrap().get("total"), size.to_string());
+    assert!(growth < BOUNDED_GROWTH, "the worker grew by {growth} bytes reading a {size}-byte body");
+}
+
+#[test]
+fn a_100_mib_streamed_response_keeps_the_worker_small() {
+    let server = Server::start(&[]);
+    let size: usize = 100 * 1024 * 1024;
+    server.get("/peak");
+    let mut received = 0;
+    let growth = rss_growth(server.pid(), || {
+        let mut conn = server.connect();
+        conn.write_all(&RequestBuilder::get(&format!("/stream-bytes?total={size}")).encode()).unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = conn.read(&mut buf).expect("read the stream");
+            if n == 0 {
+                break;
+            }
+            received += n;
+        }
+    });
+    assert!(received > size, "the head and {size} body bytes (got {received})");
+    assert!(growth < BOUNDED_GROWTH, "the worker grew by {growth} bytes streaming {size} bytes");
+}
+
+// --- idle connections ------------------------------------------------------------------------------
+
+/// Raises this process's open-file soft limit to `wanted` (the server it starts inherits it).
+fn raise_fd_limit(wanted: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit fill and read a valid rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
+    assert!(
+        limit.rlim_max >= wanted,
+        "this test needs {wanted} open files; the hard limit is {}",
+        limit.rlim_max
+    );
+    limit.rlim_cur = limit.rlim_cur.max(wanted);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) }, 0, "raise the soft limit");
+}
+
+#[test]
+fn good_requests_are_answered_while_1500_connections_sit_silent() {
+    const IDLE: usize = 1500;
+    raise_fd_limit(IDLE as u64 + 256);
+    // One thread, and idle connections that outlast the test: none of them may hold it.
+    let server = Server::start(&["--threads", "1", "--socket-timeout", "60"]);
+    let idle: Vec<_> = (0..IDLE).map(|_| server.connect()).collect();
+    for _ in 0..20 {
+        assert_eq!(server.get("/peak").status_line, "HTTP/1.1 200 OK", "log:\n{}", server.log());
+    }
+    // The silent ones are still open, waiting for their requests: send one and it is served too.
+    let mut last = idle.into_iter().last().unwrap();
+    last.write_all(&RequestBuilder::get("/peak").encode()).unwrap();
+    let response = Response::parse(last.read_to_end_result().expect("a response")).expect("HTTP");
+    assert_eq!(response.status_line, "HTTP/1.1 200 OK");
 }
 
 // --- concurrency -----------------------------------------------------------------------------------

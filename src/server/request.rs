@@ -248,25 +248,39 @@ impl Body {
         if self.unread == 0 {
             return Ok(false);
         }
+        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(BODY_READ_SIZE);
+        let mut chunk = BytesMut::with_capacity(want);
+        // SAFETY: the bytes are only read after `read_from_socket` wrote them (it returns how many).
+        unsafe { chunk.set_len(want) };
+        let read = self.read_from_socket(&mut chunk)?;
+        chunk.truncate(read);
+        self.current = chunk.freeze();
+        Ok(true)
+    }
+
+    /// Reads body bytes straight from the socket into `buf` (at most what is still unread), waiting for
+    /// them: the app's own buffer, when nothing is buffered, so they are copied once. `Ok(0)` only for an
+    /// empty `buf` or at the end of the body. Call it with the interpreter released.
+    pub fn read_from_socket(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let (conn, timeout) = match &self.source {
             Source::Socket(conn, timeout) => (conn, *timeout),
             Source::Failed(kind, why) => return Err(io::Error::new(*kind, *why)),
-            Source::Complete => return Ok(false),
+            Source::Complete => return Ok(0),
         };
-        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(BODY_READ_SIZE);
-        let mut chunk = BytesMut::zeroed(want);
-        match conn.read_body(&mut chunk, timeout) {
+        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        match conn.read_body(&mut buf[..want], timeout) {
             Ok(0) => Err(self
                 .fail(io::ErrorKind::UnexpectedEof, "the connection closed before the whole body arrived")),
             Ok(read) => {
-                chunk.truncate(read);
                 self.unread -= read as u64;
-                self.current = chunk.freeze();
                 if self.unread == 0 {
                     // Let go of the connection: the response side closes it as soon as it is done.
                     self.source = Source::Complete;
                 }
-                Ok(true)
+                Ok(read)
             }
             Err(err) if err.kind() == io::ErrorKind::TimedOut => {
                 Err(self.fail(io::ErrorKind::TimedOut, "timed out waiting for the request body"))

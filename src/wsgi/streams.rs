@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use bytes::Buf;
 use pyo3::exceptions::PyOSError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyList, PyString};
@@ -13,6 +14,9 @@ use crate::server::Body;
 
 /// How much a large `read(n)` reserves beyond the bytes already received.
 const READ_RESERVE_AHEAD: usize = 1024 * 1024;
+/// Reads up to this size, when nothing is buffered, go from the socket straight into the `bytes` object
+/// the app gets; larger ones (a `read()` of a huge declared length) grow with what arrives instead.
+const DIRECT_READ_MAX: usize = 1024 * 1024;
 
 /// `wsgi.input`: the request body. Ends at `CONTENT_LENGTH`, never reads past it, and waits for the socket
 /// with the interpreter released. Usable until the request ends, even if the app keeps it longer.
@@ -40,6 +44,31 @@ impl Input {
         // Waits with the interpreter released: another thread may hold the body while it waits for the socket.
         self.body.lock_py_attached(py).unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// `want` bytes (all still on the socket, `want` no more than are still to come) read straight into a new
+/// `bytes` object: the body is copied once, from the socket to what the app gets.
+fn read_into_new_bytes<'py>(py: Python<'py>, body: &mut Body, want: usize) -> PyResult<Bound<'py, PyBytes>> {
+    let len = ffi::Py_ssize_t::try_from(want).map_err(|_| PyOSError::new_err("read size out of range"))?;
+    // SAFETY: a new bytes object of `len` uninitialised bytes (or NULL with an exception set); it is filled
+    // below before anything else sees it, and dropped on any error.
+    let bytes: Bound<'py, PyBytes> = unsafe {
+        Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), len))?
+            .cast_into_unchecked()
+    };
+    // SAFETY: the object's buffer holds `len` bytes, and only this function has the object so far.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(ffi::PyBytes_AsString(bytes.as_ptr()).cast::<u8>(), want) };
+    let mut filled = 0;
+    while filled < want {
+        let read = py.detach(|| body.read_from_socket(&mut buf[filled..]));
+        match read {
+            Ok(0) => return Err(PyOSError::new_err("error reading the request body: it ended early")),
+            Ok(read) => filled += read,
+            Err(err) => return Err(PyOSError::new_err(format!("error reading the request body: {err}"))),
+        }
+    }
+    Ok(bytes)
 }
 
 /// Makes the buffered bytes non-empty unless the body is exhausted; `false` at its end.
@@ -98,6 +127,9 @@ impl Input {
             let bytes = PyBytes::new(py, &current[..want]);
             current.advance(want);
             return Ok(bytes);
+        }
+        if current.is_empty() && want <= DIRECT_READ_MAX {
+            return read_into_new_bytes(py, &mut body, want);
         }
         let data = read_exact_or_eof(py, &mut body, want)?;
         Ok(PyBytes::new(py, &data))

@@ -8,6 +8,7 @@ what they saw in RESULTS under the query's `key`; the test then reads it back fr
 """
 
 import atexit
+import io
 import os
 import sys
 import tempfile
@@ -124,6 +125,25 @@ def read_past(environ, start_response, query):
     stream = environ["wsgi.input"]
     first = stream.read(int(query.get("n", "100")))
     return report(start_response, {"first": first, "second": stream.read(10), "third": stream.read()})
+
+
+def read_chunks(environ, start_response, query):
+    """Reads the body in `size`-byte reads, keeping nothing, and reports how much came."""
+    stream, size, total = environ["wsgi.input"], int(query.get("size", "65536")), 0
+    while True:
+        piece = stream.read(size)
+        if not piece:
+            break
+        total += len(piece)
+    return report(start_response, {"total": total})
+
+
+def stream_bytes(environ, start_response, query):
+    """Yields `total` bytes as the same `chunk`-byte object again and again (no Content-Length)."""
+    total, size = int(query["total"]), int(query.get("chunk", "65536"))
+    chunk = b"s" * size
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return (chunk for _ in range(total // size))
 
 
 def ignore_body(environ, start_response, query):
@@ -377,6 +397,40 @@ def file_wrapper(environ, start_response, query):
     return wrapper
 
 
+class NoReadFile(io.FileIO):
+    """A real file whose read() fails: served whole, it proves the body never passed through Python."""
+
+    def read(self, *args):
+        raise AssertionError("the server read the file through Python")
+
+    readinto = read
+
+
+def file_send(environ, start_response, query):
+    """wsgi.file_wrapper over a file of `size` pattern bytes, after reading `skip` bytes through a buffered
+    file object (its OS position is then further on than tell()); `kind` picks the file-like."""
+    key = query.get("key", "file_send")
+    size = int(query.get("size", "100"))
+    data = bytes(i % 251 for i in range(size))
+    kind = query.get("kind", "buffered")
+    if kind == "bytesio":
+        handle = io.BytesIO(data)
+    else:
+        path = os.path.join(tempfile.mkdtemp(), "body")
+        with open(path, "wb") as out:
+            out.write(data)
+        handle = NoReadFile(path) if kind == "no-read" else open(path, "rb")
+    skip = int(query.get("skip", "0"))
+    if skip:
+        record(key, skipped=handle.read(skip))
+    record(key, file=handle)
+    headers = [("Content-Type", "application/octet-stream")]
+    if "cl" in query:
+        headers.append(("Content-Length", query["cl"]))
+    start_response("200 OK", headers)
+    return environ["wsgi.file_wrapper"](handle, int(query.get("blksize", "8192")))
+
+
 def head(environ, start_response, query):
     key = query.get("key", "head")
     start_response("200 OK", list(TEXT))
@@ -472,6 +526,8 @@ ROUTES = {
     "/read-sized": read_sized,
     "/readline": readline,
     "/read-past": read_past,
+    "/read-chunks": read_chunks,
+    "/stream-bytes": stream_bytes,
     "/ignore-body": ignore_body,
     "/ignore-body-keep-environ": ignore_body_keep_environ,
     "/read-content-length": read_content_length,
@@ -494,6 +550,7 @@ ROUTES = {
     "/big-list": big_list,
     "/close-tracking": close_tracking,
     "/file-wrapper": file_wrapper,
+    "/file-send": file_send,
     "/head": head,
     "/head-like-flask": head_like_flask,
     "/slow-close": slow_close,
