@@ -527,6 +527,25 @@ fn body_ending_early_is_an_error_for_the_app() {
 }
 
 #[test]
+fn bytes_past_content_length_never_reach_the_next_connection() {
+    let server = Server::start(&["--threads", "1"]);
+    // A GET (no body) followed, in the same write, by a whole second request for another route: it is
+    // not a body, and must not be taken for the start of the next connection's request.
+    let mut smuggled = RequestBuilder::get("/peak?first").encode();
+    smuggled.extend_from_slice(&RequestBuilder::get("/environ?smuggled").encode());
+    let response = Response::parse(server.exchange(&smuggled)).expect("HTTP");
+    assert!(response.body_text().contains("peak: "), "{response:?}");
+    for _ in 0..3 {
+        let response = server.get("/peak?second");
+        assert!(
+            response.body_text().contains("peak: "),
+            "each connection answers its own request: {response:?}"
+        );
+    }
+    assert!(!server.log().contains("smuggled"), "{}", server.log());
+}
+
+#[test]
 fn unread_body_is_drained_so_the_response_arrives_whole() {
     for server in [Server::builder().tcp().start(), Server::start(&[])] {
         let body = vec![b'u'; 1024 * 1024];
@@ -1337,8 +1356,11 @@ fn second_sigterm_stops_at_once_with_exit_code_1() {
 #[test]
 fn access_log_has_one_line_per_request_unless_disabled() {
     let server = Server::start(&[]);
-    server.get("/peak?x=1");
-    server.wait_log("GET /peak?x=1 => 200");
+    let response = server.get("/peak?x=1");
+    // The body's size, whether it went out in the head's buffer (small) or after it (large).
+    server.wait_log(&format!("GET /peak?x=1 => 200 ({} bytes)", response.body.len()));
+    server.get("/file-send?size=300000");
+    server.wait_log("GET /file-send?size=300000 => 200 (300000 bytes)");
     let quiet = Server::start(&["--disable-logging"]);
     quiet.get("/peak?x=2");
     quiet.get("/raise-before");

@@ -70,12 +70,11 @@ impl Conn {
     /// with the packet, so it cannot go on before the bytes arrive, wherever it waits. Through nginx the
     /// body comes from nginx's own buffer (`uwsgi_request_buffering on`, the default), never from a slow
     /// client; bodies small enough to hold in memory are read by the I/O runtime before the app starts.
-    pub fn read_body(&self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    /// `buf` may be uninitialised: the first `Ok(n)` bytes are initialised by the read.
+    pub fn read_body(&self, buf: &mut [MaybeUninit<u8>], timeout: Duration) -> io::Result<usize> {
         let deadline = Instant::now() + timeout;
         loop {
-            // SAFETY: a `[u8]` is a valid `[MaybeUninit<u8>]`, and recv only writes initialised bytes to it.
-            let uninit = unsafe { &mut *(std::ptr::from_mut(buf) as *mut [MaybeUninit<u8>]) };
-            match self.socket.recv(uninit) {
+            match self.socket.recv(buf) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 done => return done,

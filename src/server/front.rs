@@ -70,6 +70,23 @@ pub struct Request {
     pub responder: Responder,
 }
 
+/// What [`Acceptor::accept`] found.
+enum Accept {
+    Connection(Arrival),
+    /// Nothing queued on the listener.
+    Empty,
+    /// An error other than "nothing queued" (logged, and paused after where it matters): try again.
+    Failed,
+}
+
+/// What waits in the [`JobQueue`].
+#[allow(clippy::large_enum_variant)] // moved once per queued request, like `Job`
+enum Queued {
+    Job(Job),
+    /// A connection accepted while its thread was busy, not yet read: the first free thread starts it.
+    Accepted(Arrival),
+}
+
 /// What a serving thread gets from [`Acceptor::next_job`].
 #[allow(clippy::large_enum_variant)] // moved once per request; boxing would allocate once per request
 pub enum Job {
@@ -112,8 +129,6 @@ pub struct Front {
     accepting: AtomicUsize,
     /// Connections in the I/O runtime that may yet come back as requests.
     arrivals: AtomicUsize,
-    /// Serving threads asleep in epoll: none means every thread is busy.
-    idle: AtomicUsize,
     /// Any of the three counts above went down.
     changed: Notify,
 }
@@ -163,7 +178,6 @@ impl Front {
             serving: AtomicUsize::new(0),
             accepting: AtomicUsize::new(0),
             arrivals: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
             changed: Notify::new(),
         }))
     }
@@ -203,7 +217,6 @@ impl Front {
             hot: None,
             streak: 0,
             came_free: false,
-            stash: None,
             parked: Vec::new(),
             unparked: Vec::new(),
             backoff: MIN_ACCEPT_BACKOFF,
@@ -254,7 +267,7 @@ impl Front {
 
     /// A request the I/O runtime finished reading, for the serving threads.
     pub(super) fn queue_request(&self, request: Request) {
-        self.queue.push(Job::Request(request));
+        self.queue.push(Queued::Job(Job::Request(request)));
     }
 
     /// A connection handed to the I/O runtime by [`Front::hand_over`] is done there.
@@ -263,10 +276,11 @@ impl Front {
         self.changed.notify_one();
     }
 
-    /// The I/O runtime waits for the rest of this connection's request.
-    fn hand_over(self: &Arc<Self>, arrival: Arrival, read: BytesMut) {
+    /// The I/O runtime waits for the rest of this connection's request; `read` is what came so far (copied:
+    /// a waiting connection must not keep the serving thread's buffer).
+    fn hand_over(self: &Arc<Self>, arrival: Arrival, read: &[u8]) {
         self.arrivals.fetch_add(1, Ordering::AcqRel);
-        self.spawn(super::waiting::read_then_queue(arrival, read, Arc::clone(self)));
+        self.spawn(super::waiting::read_then_queue(arrival, BytesMut::from(read), Arc::clone(self)));
     }
 
     /// One more connection accepted: past `max_requests`, ask (once) to be replaced.
@@ -338,8 +352,6 @@ pub struct Acceptor {
     /// The thread finished a request and has not slept since: a connection it finds queued waited for a
     /// thread (one that woke from epoll found it as soon as it came).
     came_free: bool,
-    /// A connection accepted ahead while every thread was busy: this thread's next request.
-    stash: Option<Arrival>,
     /// Connections whose request has not arrived yet, in this thread's epoll set ([`Acceptor::park`]).
     parked: Vec<Parked>,
     /// Parked connections whose request arrived, to start next.
@@ -353,11 +365,21 @@ impl Acceptor {
     pub fn next_job(&mut self) -> Option<Job> {
         self.came_free = true;
         loop {
-            if let Some(job) = self.front.queue.try_pop() {
-                return Some(job);
+            match self.front.queue.try_pop() {
+                Some(Queued::Job(job)) => {
+                    self.release_held();
+                    return Some(job);
+                }
+                Some(Queued::Accepted(arrival)) => {
+                    if let Some(request) = self.start(arrival) {
+                        return Some(Job::Request(request));
+                    }
+                    continue;
+                }
+                None => {}
             }
-            // Connections this thread already took come before new ones.
-            if let Some(arrival) = self.unparked.pop().or_else(|| self.stash.take()) {
+            // Connections whose request arrived while parked here.
+            if let Some(arrival) = self.unparked.pop() {
                 if let Some(request) = self.start(arrival) {
                     return Some(Job::Request(request));
                 }
@@ -373,17 +395,19 @@ impl Acceptor {
                 }
                 continue;
             } else if let Some(index) = self.hot.filter(|_| self.streak < HOT_LISTENER_STREAK) {
-                if let Some(arrival) = self.accept(index) {
+                if let Accept::Connection(arrival) = self.accept(index) {
                     self.streak += 1;
                     if !self.came_free {
                         self.to_back_of_queue(index);
-                    }
-                    if self.came_free && self.front.idle.load(Ordering::Acquire) == 0 {
-                        // A connection was waiting when this thread came free, and every thread is busy.
-                        // Take the next one too, if it is there, so how long it waits for this thread is
-                        // measured (`request_queue_seconds`): the listen queue cannot say how long one sat
-                        // in it.
-                        self.stash = self.accept(index);
+                    } else if self.front.queue.sleepers() == 0 {
+                        // A connection was waiting when this thread came free, and no thread is idle. The
+                        // next one is taken too, if it is there, into the queue any thread takes from
+                        // (this one, once free, or another that is sooner): how long it waits for a
+                        // thread is then measured (`request_queue_seconds`), which the listen queue
+                        // cannot say.
+                        if let Accept::Connection(next) = self.accept(index) {
+                            self.front.queue.push(Queued::Accepted(next));
+                        }
                     }
                     if let Some(request) = self.start(arrival) {
                         return Some(Job::Request(request));
@@ -405,9 +429,11 @@ impl Acceptor {
     fn wait(&mut self) -> Option<usize> {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EPOLL_EVENTS];
         let deadline = self.parked.iter().map(|parked| parked.deadline).min();
-        self.front.idle.fetch_add(1, Ordering::AcqRel);
+        let Some(sleeping) = self.front.queue.going_to_sleep() else {
+            return None; // something was queued meanwhile
+        };
         let ready = self.epoll.wait(&mut events, deadline);
-        self.front.idle.fetch_sub(1, Ordering::AcqRel);
+        drop(sleeping);
         let ready = match ready {
             Ok(ready) => ready,
             Err(err) => {
@@ -430,7 +456,15 @@ impl Acceptor {
         while let Some(at) = self.parked.iter().position(|parked| parked.deadline <= now) {
             let parked = self.parked.swap_remove(at);
             self.epoll.remove(parked.arrival.conn.as_raw_fd());
-            self.front.hand_over(parked.arrival, BytesMut::new());
+            self.front.hand_over(parked.arrival, &[]);
+        }
+        if let Some(index) = listener.filter(|_| !self.unparked.is_empty() || self.front.queue.has_items()) {
+            // The kernel woke this thread alone for a new connection, but it has other work first: the
+            // connection goes to the queue, which wakes an idle thread for it.
+            if let Accept::Connection(arrival) = self.accept(index) {
+                self.front.queue.push(Queued::Accepted(arrival));
+            }
+            return None;
         }
         listener
     }
@@ -454,7 +488,7 @@ impl Acceptor {
         let fd = arrival.conn.as_raw_fd();
         let token = PARKED_TOKEN + u64::try_from(fd).unwrap_or(0);
         if !self.accepting || self.parked.len() >= PARKED_MAX || self.epoll.add(fd, token, false).is_err() {
-            self.front.hand_over(arrival, BytesMut::new());
+            self.front.hand_over(arrival, &[]);
             return;
         }
         self.parked.push(Parked { arrival, deadline: Instant::now() + PARK_TIMEOUT });
@@ -469,30 +503,37 @@ impl Acceptor {
         }
     }
 
-    /// This thread is about to run a request: the connections it holds would wait behind it, so the I/O
-    /// runtime takes them (and gives them back to whichever thread is free).
+    /// This thread is about to run a request: the connections it holds would wait behind it. Those whose
+    /// request arrived go to the queue, for whichever thread is free first; the I/O runtime waits for the
+    /// others.
     fn release_held(&mut self) {
         for parked in self.parked.drain(..) {
             self.epoll.remove(parked.arrival.conn.as_raw_fd());
-            self.front.hand_over(parked.arrival, BytesMut::new());
+            self.front.hand_over(parked.arrival, &[]);
         }
         for arrival in self.unparked.drain(..) {
-            self.front.hand_over(arrival, BytesMut::new());
+            self.front.queue.push(Queued::Accepted(arrival));
         }
     }
 
     /// During a graceful stop: a request from what is already queued on the listeners, until they are
     /// empty; then this thread accepts no more.
     fn take_queued(&mut self) -> Option<Request> {
-        loop {
-            let Some(arrival) = (0..self.front.listeners.len()).find_map(|i| self.accept(i)) else {
-                self.stop_accepting();
-                return None;
-            };
-            if let Some(request) = self.start(arrival) {
-                return Some(request);
+        let mut index = 0;
+        while index < self.front.listeners.len() {
+            match self.accept(index) {
+                Accept::Connection(arrival) => {
+                    if let Some(request) = self.start(arrival) {
+                        return Some(request);
+                    }
+                }
+                // Not empty yet: an aborted connection, or a full descriptor table (after a pause).
+                Accept::Failed => {}
+                Accept::Empty => index += 1,
             }
         }
+        self.stop_accepting();
+        None
     }
 
     fn stop_accepting(&mut self) {
@@ -510,7 +551,7 @@ impl Acceptor {
 
     /// `accept4` on listener `index`, without waiting. Errors other than "nothing queued" are logged and
     /// back off (a full descriptor table must not spin the CPU).
-    fn accept(&mut self, index: usize) -> Option<Arrival> {
+    fn accept(&mut self, index: usize) -> Accept {
         let listener = &self.front.listeners[index];
         loop {
             // SAFETY: accept4 on a listening socket we own; no address is asked for.
@@ -527,7 +568,7 @@ impl Acceptor {
                 self.front.count_accept();
                 // SAFETY: a fresh descriptor from accept4, owned by nothing else.
                 let socket = unsafe { Socket::from_raw_fd(fd) };
-                return Some(Arrival {
+                return Accept::Connection(Arrival {
                     conn: Conn::new(socket, listener.kind),
                     listener: index,
                     accepted_at: Instant::now(),
@@ -536,13 +577,14 @@ impl Acceptor {
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
-                Some(libc::EAGAIN | libc::ECONNABORTED) => return None,
+                Some(libc::EAGAIN) => return Accept::Empty,
+                Some(libc::ECONNABORTED) => return Accept::Failed,
                 Some(libc::EINTR) => {}
                 _ => {
                     error!("accept failed: {err}; retrying in {:?}", self.backoff);
                     std::thread::sleep(self.backoff);
                     self.backoff = (self.backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                    return None;
+                    return Accept::Failed;
                 }
             }
         }
@@ -553,6 +595,8 @@ impl Acceptor {
     /// runtime, which waits for the rest or turns the connection away.
     fn start(&mut self, arrival: Arrival) -> Option<Request> {
         let front = &self.front;
+        // Whatever a previous connection sent past its body is not this one's.
+        self.buf.clear();
         self.buf.reserve(READ_BUFFER_SIZE);
         match arrival.conn.try_read(&mut self.buf) {
             Ok(0) if self.buf.is_empty() => return None, // a port probe: connected, closed, sent nothing
@@ -561,7 +605,7 @@ impl Acceptor {
                 if self.buf.is_empty() {
                     self.park(arrival);
                 } else {
-                    front.hand_over(arrival, self.buf.split());
+                    front.hand_over(arrival, &self.buf);
                 }
                 return None;
             }
@@ -579,13 +623,13 @@ impl Acceptor {
         };
         let Some(framing) = framing else {
             // Not all there, or not a request the app can take (ping, malformed, plain HTTP, too large).
-            front.hand_over(arrival, self.buf.split());
+            front.hand_over(arrival, &self.buf);
             return None;
         };
         let in_buffer = (self.buf.len() - framing.packet_len) as u64;
         let unread = framing.content_length.saturating_sub(in_buffer);
         if unread > 0 && unread <= BUFFERED_BODY_MAX {
-            front.hand_over(arrival, self.buf.split());
+            front.hand_over(arrival, &self.buf);
             return None;
         }
         let timeout = front.config.socket_timeout;
@@ -609,23 +653,45 @@ impl Drop for Acceptor {
     }
 }
 
-/// Requests the I/O runtime finished reading, waiting for a serving thread. The eventfd is readable exactly
-/// while the queue is not empty (both change under the lock), and sits in every serving thread's epoll set.
+/// Requests the I/O runtime finished reading and connections accepted ahead, waiting for a serving thread.
+///
+/// Its eventfd sits in every serving thread's epoll set (exclusive: one push wakes one sleeper). A push
+/// signals it only when a thread sleeps; a thread about to sleep counts itself as a sleeper first, then
+/// looks at the queue once more (both sides write, then read, sequentially consistent), so a push is never
+/// missed and a busy server writes no eventfd per push.
 struct JobQueue {
-    jobs: Mutex<VecDeque<Job>>,
+    items: Mutex<QueueItems>,
     /// A lock-free hint of the length, so an empty queue costs no lock on the hot path.
     len: AtomicUsize,
+    /// Serving threads asleep in epoll, or about to be.
+    sleepers: AtomicUsize,
     ready: EventFd,
     collect_pending: AtomicBool,
     closed: EventFd,
     is_closed: AtomicBool,
 }
 
+struct QueueItems {
+    queue: VecDeque<Queued>,
+    /// The eventfd was written since it was last reset.
+    signalled: bool,
+}
+
+/// A serving thread counted as asleep until this drops.
+struct Sleeping<'a>(&'a AtomicUsize);
+
+impl Drop for Sleeping<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl JobQueue {
     fn new() -> io::Result<Self> {
         Ok(Self {
-            jobs: Mutex::new(VecDeque::new()),
+            items: Mutex::new(QueueItems { queue: VecDeque::new(), signalled: false }),
             len: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             ready: EventFd::new()?,
             collect_pending: AtomicBool::new(false),
             closed: EventFd::new()?,
@@ -633,39 +699,57 @@ impl JobQueue {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
-        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueItems> {
+        self.items.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, job: Job) {
-        let mut jobs = self.lock();
-        jobs.push_back(job);
-        self.len.store(jobs.len(), Ordering::Release);
-        // Every push, not only the first: each write wakes one more sleeping thread, so two jobs queued
-        // while one thread is busy are taken by two threads.
-        self.ready.signal();
+    fn push(&self, item: Queued) {
+        let mut items = self.lock();
+        items.queue.push_back(item);
+        self.len.store(items.queue.len(), Ordering::SeqCst);
+        // Every push while threads sleep, not only the first: each write wakes one more of them.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            items.signalled = true;
+            self.ready.signal();
+        }
     }
 
     fn push_collect(&self) {
         if !self.collect_pending.swap(true, Ordering::AcqRel) {
-            self.push(Job::Collect);
+            self.push(Queued::Job(Job::Collect));
         }
     }
 
-    fn try_pop(&self) -> Option<Job> {
-        if self.len.load(Ordering::Acquire) == 0 {
+    fn try_pop(&self) -> Option<Queued> {
+        if !self.has_items() {
             return None;
         }
-        let mut jobs = self.lock();
-        let job = jobs.pop_front();
-        self.len.store(jobs.len(), Ordering::Release);
-        if jobs.is_empty() {
+        let mut items = self.lock();
+        let item = items.queue.pop_front();
+        self.len.store(items.queue.len(), Ordering::SeqCst);
+        if items.queue.is_empty() && std::mem::take(&mut items.signalled) {
             self.ready.reset();
         }
-        if matches!(job, Some(Job::Collect)) {
+        if matches!(item, Some(Queued::Job(Job::Collect))) {
             self.collect_pending.store(false, Ordering::Release);
         }
-        job
+        item
+    }
+
+    fn has_items(&self) -> bool {
+        self.len.load(Ordering::SeqCst) > 0
+    }
+
+    /// Threads asleep in epoll: none means every thread is busy.
+    fn sleepers(&self) -> usize {
+        self.sleepers.load(Ordering::SeqCst)
+    }
+
+    /// Counts this thread as a sleeper, unless something is queued (`None`: take it instead).
+    fn going_to_sleep(&self) -> Option<Sleeping<'_>> {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let sleeping = Sleeping(&self.sleepers);
+        (!self.has_items()).then_some(sleeping)
     }
 
     fn close(&self) {
@@ -675,7 +759,7 @@ impl JobQueue {
 
     /// Closed, and nothing left in it.
     fn is_closed(&self) -> bool {
-        self.is_closed.load(Ordering::Acquire) && self.len.load(Ordering::Acquire) == 0
+        self.is_closed.load(Ordering::Acquire) && !self.has_items()
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -250,18 +251,18 @@ impl Body {
         }
         let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(BODY_READ_SIZE);
         let mut chunk = BytesMut::with_capacity(want);
-        // SAFETY: the bytes are only read after `read_from_socket` wrote them (it returns how many).
-        unsafe { chunk.set_len(want) };
-        let read = self.read_from_socket(&mut chunk)?;
-        chunk.truncate(read);
+        let read = self.read_from_socket(&mut chunk.spare_capacity_mut()[..want])?;
+        // SAFETY: the read initialised the first `read` bytes of the spare capacity.
+        unsafe { chunk.set_len(read) };
         self.current = chunk.freeze();
         Ok(true)
     }
 
     /// Reads body bytes straight from the socket into `buf` (at most what is still unread), waiting for
-    /// them: the app's own buffer, when nothing is buffered, so they are copied once. `Ok(0)` only for an
-    /// empty `buf` or at the end of the body. Call it with the interpreter released.
-    pub fn read_from_socket(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// them: the app's own buffer, when nothing is buffered, so they are copied once. `buf` may be
+    /// uninitialised; the first `Ok(n)` bytes are initialised by the read. `Ok(0)` only for an empty `buf`
+    /// or at the end of the body. Call it with the interpreter released.
+    pub fn read_from_socket(&mut self, buf: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         let (conn, timeout) = match &self.source {
             Source::Socket(conn, timeout) => (conn, *timeout),
             Source::Failed(kind, why) => return Err(io::Error::new(*kind, *why)),

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::BorrowedFd;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,9 @@ pub const DRAIN_READ_SIZE: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum Part {
     Bytes(Vec<Bytes>),
-    /// `len` bytes of `file` from `offset`, with `sendfile(2)`.
+    /// `head` (what is left of it), then `len` bytes of `file` from `offset`, with `sendfile(2)`.
     File {
+        head: Bytes,
         file: File,
         offset: u64,
         len: u64,
@@ -93,7 +94,7 @@ impl Record {
     pub fn count(&mut self, part: &Part) {
         self.body_bytes += match part {
             Part::Bytes(parts) => parts.iter().map(|b| b.len() as u64).sum(),
-            Part::File { len, .. } => *len,
+            Part::File { head, len, .. } => head.len() as u64 + *len,
             Part::End { .. } => 0,
         };
     }
@@ -189,9 +190,10 @@ impl Responder {
     /// within [`WRITE_WAIT_ON_THREAD`]; what is left then goes to the I/O runtime with the connection, so a
     /// slow reader does not hold the thread. Call it with the interpreter released.
     ///
-    /// `body` is only borrowed (cloned if handed off), so the caller drops the app's buffers where it holds
-    /// the interpreter.
-    pub fn send_last(&mut self, head: &[u8], body: &[Bytes]) -> Result<(), ClientGone> {
+    /// The last `inline` bytes of `head` are body (a small body copied after the head, to go out in one
+    /// buffer). `body` is only borrowed (cloned if handed off), so the caller drops the app's buffers where
+    /// it holds the interpreter.
+    pub fn send_last(&mut self, head: &[u8], inline: usize, body: &[Bytes]) -> Result<(), ClientGone> {
         let owned = |head: &[u8], written: usize| {
             let mut rest = Vec::with_capacity(body.len() + 1);
             if written < head.len() {
@@ -207,8 +209,8 @@ impl Responder {
             State::Closed => return Err(ClientGone),
         };
         let body_len = body.iter().map(Bytes::len).sum::<usize>();
-        record.head_bytes += head.len() as u64;
-        record.body_bytes += body_len as u64;
+        record.head_bytes += (head.len() - inline) as u64;
+        record.body_bytes += (inline + body_len) as u64;
         let written = with_parts(head, body, |parts| {
             write_from_thread(conn, parts, Wait::AllWithin(Instant::now() + WRITE_WAIT_ON_THREAD))
         });
@@ -224,11 +226,12 @@ impl Responder {
 
     /// Sends `head`, then `len` bytes of `file` from `offset` with `sendfile(2)`: from the page cache to the
     /// socket, never through user space. Like [`Responder::send_last`], from this thread for up to
-    /// [`WRITE_WAIT_ON_THREAD`], then from the I/O runtime (with a descriptor of its own for the file).
+    /// [`WRITE_WAIT_ON_THREAD`], then from the I/O runtime, which gets the file (a descriptor of the
+    /// server's own, which the app's `close()` cannot take away mid-send).
     pub fn send_file(
         &mut self,
         head: &[u8],
-        file: BorrowedFd<'_>,
+        file: File,
         mut offset: u64,
         len: u64,
     ) -> Result<(), ClientGone> {
@@ -247,14 +250,13 @@ impl Responder {
             }
         };
         if written < head.len() {
-            let rest = Bytes::copy_from_slice(&head[written..]);
-            self.hand_off(Part::Bytes(vec![rest]))?;
-            return self.forward(Part::File { file: own(file)?, offset, len });
+            let head = Bytes::copy_from_slice(&head[written..]);
+            return self.hand_off(Part::File { head, file, offset, len });
         }
         let end = offset + len;
         while offset < end {
             let count = usize::try_from(end - offset).unwrap_or(usize::MAX);
-            let sent = conn.try_sendfile(file, &mut offset, count);
+            let sent = conn.try_sendfile(file.as_fd(), &mut offset, count);
             let waited = match sent {
                 Ok(0) => {
                     Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while being sent"))
@@ -266,7 +268,7 @@ impl Responder {
             match waited {
                 Ok(true) => {}
                 Ok(false) => {
-                    return self.hand_off(Part::File { file: own(file)?, offset, len: end - offset })
+                    return self.hand_off(Part::File { head: Bytes::new(), file, offset, len: end - offset });
                 }
                 Err(err) => {
                     *failed = Some(err);
@@ -348,14 +350,6 @@ impl Responder {
             ClientGone
         })
     }
-}
-
-/// A descriptor of the I/O runtime's own for `file`, which stays the app's to close.
-fn own(file: BorrowedFd<'_>) -> Result<File, ClientGone> {
-    file.try_clone_to_owned().map(File::from).map_err(|err| {
-        warn!("cannot hand a file response to the I/O runtime: {err}");
-        ClientGone
-    })
 }
 
 /// How long a write from the app's thread may wait for a full socket.

@@ -75,13 +75,14 @@ impl Stream for UnixStream {
     }
 }
 
-/// Runs `$body` with `$stream` bound to the connection as a tokio stream of its own type.
+/// Runs `$body` with `$stream` bound to the connection as a tokio stream of its own type, or `$failed`
+/// with the error if the connection cannot be registered with the runtime.
 macro_rules! with_stream {
-    ($conn:expr, |$stream:ident| $body:expr) => {
+    ($conn:expr, |$stream:ident| $body:expr, |$err:ident| $failed:expr) => {
         match $conn.into_tokio() {
             Ok(TokioStream::Tcp($stream)) => $body,
             Ok(TokioStream::Unix($stream)) => $body,
-            Err(err) => warn!("cannot register a connection with the I/O runtime: {err}"),
+            Err($err) => $failed,
         }
     };
 }
@@ -170,10 +171,14 @@ impl Refused {
 /// waits for it here, then queues the request for the serving threads. `buf` holds what was read so far.
 pub(super) async fn read_then_queue(arrival: Arrival, buf: BytesMut, front: Arc<Front>) {
     let Arrival { conn, listener, accepted_at, in_flight } = arrival;
-    with_stream!(conn, |stream| {
-        let arrival = Arrival { conn: (), listener, accepted_at, in_flight };
-        read_request_then_queue(stream, buf, arrival, &front).await;
-    });
+    with_stream!(
+        conn,
+        |stream| {
+            let arrival = Arrival { conn: (), listener, accepted_at, in_flight };
+            read_request_then_queue(stream, buf, arrival, &front).await;
+        },
+        |err| warn!("refused a connection: cannot register it with the I/O runtime: {err}")
+    );
     front.arrival_done();
 }
 
@@ -331,10 +336,14 @@ pub(super) async fn write_rest(
     front: Arc<Front>,
 ) {
     let wait = front.config.socket_timeout;
-    with_stream!(conn, |stream| {
-        let (end, record) = write_parts(stream, first, parts, record, wait).await;
-        record.done(&front, &end);
-    });
+    with_stream!(
+        conn,
+        |stream| {
+            let (end, record) = write_parts(stream, first, parts, record, wait).await;
+            record.done(&front, &end);
+        },
+        |err| record.done(&front, &End::WriteFailed(err))
+    );
 }
 
 async fn write_parts<S: Stream>(
@@ -357,7 +366,10 @@ async fn write_parts<S: Stream>(
         };
         let written = match part {
             Part::Bytes(bytes) => write_all(&mut stream, bytes, wait).await,
-            Part::File { file, offset, len } => send_file(&stream, &file, offset, len, wait).await,
+            Part::File { head, file, offset, len } => match write_all(&mut stream, vec![head], wait).await {
+                Ok(()) => send_file(&stream, &file, offset, len, wait).await,
+                Err(err) => Err(err),
+            },
             Part::End { unread } => {
                 drain(&mut stream, unread, wait).await;
                 return (End::Complete, record);
@@ -391,10 +403,16 @@ async fn send_file<S: Stream>(
 
 /// Reads and discards what is left of an unread request body, then closes.
 pub(super) async fn drain_then_close(conn: Conn, unread: u64, wait: Duration) {
-    with_stream!(conn, |stream| {
-        let mut stream = stream;
-        drain(&mut stream, unread, wait).await;
-    });
+    with_stream!(
+        conn,
+        |stream| {
+            let mut stream = stream;
+            drain(&mut stream, unread, wait).await;
+        },
+        |err| warn!(
+            "cannot drain a request body: cannot register the connection with the I/O runtime: {err}"
+        )
+    );
 }
 
 /// Reads and discards up to `unread` bytes (at most [`MAX_DRAIN_BYTES`], each read within `wait`).

@@ -6,7 +6,6 @@
 //! write with a derived `Content-Length`, a `wsgi.file_wrapper` over a regular file with `sendfile(2)`, and
 //! anything else streams chunk by chunk. Every write happens with the interpreter released.
 
-use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -82,7 +81,9 @@ pub(super) fn lock<'a>(py: Python<'_>, sink: &'a Mutex<Sink>) -> MutexGuard<'a, 
 
 /// What one step of the response writes.
 struct Outgoing {
+    /// The head, and after it `inline` bytes of body (a small body, to go out in the same buffer).
     head: Vec<u8>,
+    inline: usize,
     body: Vec<Bytes>,
 }
 
@@ -210,8 +211,8 @@ impl Sink {
         // A HEAD answered without a body says nothing about the GET body's length: derive none.
         let derived = (!(self.head_only && total == 0)).then_some(total);
         let sent = if no_body { 0 } else { usize::try_from(total).unwrap_or(usize::MAX) };
-        let room = if matches!(whole, Some(Whole::Small { .. })) { sent } else { 0 };
-        let mut head = self.take_head(derived, room)?;
+        let inline = if matches!(whole, Some(Whole::Small { .. })) { sent } else { 0 };
+        let mut head = self.take_head(derived, inline)?;
         self.sent = Sent::Complete;
         let body = match whole {
             Some(Whole::Small { items, .. }) => {
@@ -224,14 +225,14 @@ impl Sink {
             }
             None => Vec::new(),
         };
-        Ok(Some(Outgoing { head, body }))
+        Ok(Some(Outgoing { head, inline, body }))
     }
 
     /// Writes `write`, with the interpreter released (the sink stays locked: others wait released too).
     fn write(&mut self, py: Python<'_>, write: Outgoing) -> Result<(), Failure> {
         let Some(responder) = self.responder.as_mut() else { return Err(Failure::ClientGone) };
-        let Outgoing { head, body } = write;
-        match py.detach(|| responder.send_last(&head, &body)) {
+        let Outgoing { head, inline, body } = write;
+        match py.detach(|| responder.send_last(&head, inline, &body)) {
             Ok(()) => Ok(()),
             Err(ClientGone) => Err(self.gone()),
         }
@@ -243,7 +244,7 @@ impl Sink {
         let Some(responder) = self.responder.as_mut() else { return Err(Failure::ClientGone) };
         let sent = py.detach(|| {
             if complete {
-                responder.send_last(head, &[])
+                responder.send_last(head, 0, &[])
             } else {
                 responder.send_more(head, chunk)
             }
@@ -261,7 +262,8 @@ impl Sink {
         }
         let Some(mut responder) = self.responder.take() else { return Err(Failure::ClientGone) };
         let sent = py.detach(|| {
-            let sent = last.as_ref().map_or(Ok(()), |last| responder.send_last(&last.head, &last.body));
+            let sent =
+                last.as_ref().map_or(Ok(()), |last| responder.send_last(&last.head, last.inline, &last.body));
             responder.finish(0);
             sent
         });
@@ -285,7 +287,7 @@ impl Sink {
             Sent::Nothing => py.detach(|| {
                 responder.set_status(500);
                 // If nginx is gone there is no one to tell; the responder records the failed write.
-                let _ = responder.send_last(INTERNAL_ERROR, &[]);
+                let _ = responder.send_last(INTERNAL_ERROR, 0, &[]);
                 responder.finish(unread);
             }),
             Sent::Streaming => py.detach(|| responder.abort()),
@@ -299,7 +301,7 @@ impl Sink {
 pub(super) fn answer_internal_error(mut responder: Responder) {
     responder.set_status(500);
     // If nginx is gone there is no one to tell; the responder records the failed write.
-    let _ = responder.send_last(INTERNAL_ERROR, &[]);
+    let _ = responder.send_last(INTERNAL_ERROR, 0, &[]);
     responder.finish(0);
 }
 
@@ -341,11 +343,12 @@ fn finish(py: Python<'_>, sink: &Mutex<Sink>, whole: Option<Whole<'_>>) -> Resul
 /// A `wsgi.file_wrapper` over a regular file, before anything was sent: the head with the file's length
 /// (or the declared one), then the file with `sendfile(2)`. `Ok(false)` if this does not apply.
 fn send_file(py: Python<'_>, sink: &Mutex<Sink>, wrapper: &FileWrapper) -> Result<bool, Failure> {
+    // Asked before the sink is locked: it runs the file-like's own Python (`fileno()`, `tell()`).
+    let Some((file, offset, available)) = wrapper.regular_file(py) else { return Ok(false) };
     let mut sink = lock(py, sink);
     if sink.sent != Sent::Nothing {
         return Ok(false);
     }
-    let Some((fd, offset, available)) = wrapper.regular_file(py) else { return Ok(false) };
     let head = sink.head.as_ref().ok_or_else(missing_start_response)?;
     let declared = head.content_length();
     let length = declared.map_or(available, |declared| declared.min(available));
@@ -354,12 +357,9 @@ fn send_file(py: Python<'_>, sink: &Mutex<Sink>, wrapper: &FileWrapper) -> Resul
     sink.sent = Sent::Complete;
     sink.body_bytes = length;
     let Some(responder) = sink.responder.as_mut() else { return Err(Failure::ClientGone) };
-    // SAFETY: the file-like object, which owns `fd`, is kept alive by `wrapper` (borrowed by the caller)
-    // for the whole call, and nothing closes it meanwhile: the app gets no control back until we return.
-    let file = unsafe { BorrowedFd::borrow_raw(fd) };
     let sent = py.detach(|| {
         if no_body {
-            responder.send_last(&derived, &[])
+            responder.send_last(&derived, 0, &[])
         } else {
             responder.send_file(&derived, file, offset, length)
         }

@@ -56,9 +56,12 @@ fn read_into_new_bytes<'py>(py: Python<'py>, body: &mut Body, want: usize) -> Py
         Bound::from_owned_ptr_or_err(py, ffi::PyBytes_FromStringAndSize(std::ptr::null(), len))?
             .cast_into_unchecked()
     };
-    // SAFETY: the object's buffer holds `len` bytes, and only this function has the object so far.
-    let buf =
-        unsafe { std::slice::from_raw_parts_mut(ffi::PyBytes_AsString(bytes.as_ptr()).cast::<u8>(), want) };
+    // SAFETY: the object's buffer holds `len` bytes (uninitialised, and seen as such until the reads fill
+    // them all), and only this function has the object so far.
+    let buf = unsafe {
+        let start = ffi::PyBytes_AsString(bytes.as_ptr()).cast::<std::mem::MaybeUninit<u8>>();
+        std::slice::from_raw_parts_mut(start, want)
+    };
     let mut filled = 0;
     while filled < want {
         let read = py.detach(|| body.read_from_socket(&mut buf[filled..]));
@@ -228,9 +231,11 @@ pub(super) struct FileWrapper {
 
 impl FileWrapper {
     /// The file to send with `sendfile(2)`: a regular file behind `fileno()`, from the file-like's current
-    /// position (`tell()`, which counts what its buffer read ahead), with its length from there. `None` for
+    /// position (`tell()`, which counts what its buffer read ahead), with its length from there. The file is
+    /// a descriptor of the server's own (a `dup`), so the app closing its file object meanwhile — from
+    /// another thread, while the interpreter is released for the send — cannot pull it away. `None` for
     /// anything else (a pipe, `io.BytesIO`, an object without `fileno`), which is read in `blksize` blocks.
-    pub(super) fn regular_file(&self, py: Python<'_>) -> Option<(std::os::fd::RawFd, u64, u64)> {
+    pub(super) fn regular_file(&self, py: Python<'_>) -> Option<(std::fs::File, u64, u64)> {
         let filelike = self.filelike.bind(py);
         if filelike.hasattr("encoding").unwrap_or(true) {
             return None; // a text file: its tell() is no byte offset, and WSGI bodies are bytes anyway
@@ -247,7 +252,10 @@ impl FileWrapper {
             return None;
         }
         let size = u64::try_from(stat.st_size).ok()?;
-        Some((fd, position, size.saturating_sub(position)))
+        // SAFETY: `fd` is open: the file-like holds it, and no Python code runs while this holds the
+        // interpreter. The duplicate is ours.
+        let file = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?;
+        Some((file.into(), position, size.saturating_sub(position)))
     }
 }
 
