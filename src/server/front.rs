@@ -850,3 +850,43 @@ impl Epoll {
         Ok(&events[..ready.unsigned_abs() as usize])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the queue's eventfd would wake an epoll waiter now.
+    fn readable(queue: &JobQueue) -> bool {
+        let mut pollfd = libc::pollfd { fd: queue.ready.fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::poll(&raw mut pollfd, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn a_push_wakes_only_while_a_thread_sleeps_and_an_empty_queue_stops_waking() {
+        let queue = JobQueue::new().unwrap();
+        // Nobody sleeps: no system call, and a thread about to sleep sees the job instead.
+        queue.push(Queued::Job(Job::Collect));
+        assert!(!readable(&queue));
+        assert!(queue.going_to_sleep().is_none(), "a queued job is taken, not slept on");
+        assert!(matches!(queue.try_pop(), Some(Queued::Job(Job::Collect))));
+        // A sleeper: every push wakes.
+        let sleeping = queue.going_to_sleep().expect("nothing queued");
+        queue.push(Queued::Job(Job::Collect));
+        assert!(readable(&queue));
+        drop(sleeping);
+        assert!(queue.try_pop().is_some());
+        assert!(!readable(&queue), "emptied: no more wake-ups");
+        assert!(queue.try_pop().is_none());
+    }
+
+    #[test]
+    fn a_closed_queue_ends_only_once_empty() {
+        let queue = JobQueue::new().unwrap();
+        queue.push(Queued::Job(Job::Collect));
+        queue.close();
+        assert!(!queue.is_closed(), "a job is still queued");
+        assert!(queue.try_pop().is_some());
+        assert!(queue.is_closed());
+    }
+}

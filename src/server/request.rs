@@ -176,6 +176,20 @@ pub struct RequestLine {
     uri: Span,
 }
 
+impl RequestLine {
+    /// The same line in a buffer of its own: a record that outlives the request (a response the I/O
+    /// runtime finishes) must not keep the serving thread's read buffer, which the packet is part of.
+    #[must_use]
+    pub fn detached(&self) -> Self {
+        let method = slice(&self.block, self.method);
+        let uri = slice(&self.block, self.uri);
+        let block = Bytes::from([method, uri].concat());
+        // Both parts come from a block of at most 65535 bytes.
+        let method_len = method.len() as u16;
+        Self { block, method: (0, method_len), uri: (method_len, uri.len() as u16) }
+    }
+}
+
 impl fmt::Display for RequestLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let method = String::from_utf8_lossy(slice(&self.block, self.method));
@@ -308,5 +322,69 @@ impl Body {
         self.source =
             Source::Failed(io::ErrorKind::Other, "the request is over: wsgi.input cannot be read after it");
         on_socket
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(vars: &[(&[u8], &[u8])]) -> BytesMut {
+        BytesMut::from(&oxwsgi_proto::encode_packet(0, 0, vars).unwrap()[..])
+    }
+
+    fn head(buf: &mut BytesMut) -> RequestHead {
+        let framing = frame(buf, &Limits::default(), None).unwrap().unwrap();
+        let listener = Arc::new(ListenerInfo { server_name: "localhost".into(), server_port: String::new() });
+        RequestHead::take(buf, framing, listener, Instant::now())
+    }
+
+    #[test]
+    fn one_walk_indexes_every_var_and_picks_out_what_the_server_reads() {
+        let mut buf = packet(&[
+            (b"REQUEST_METHOD", b"POST"),
+            (b"CONTENT_LENGTH", b"5"),
+            (b"PATH_INFO", b"/p"),
+            (b"HTTP_COOKIE", b"a=1"),
+            (b"REQUEST_URI", b"/p?q=1"),
+            (b"HTTP_COOKIE", b"b=2"),
+        ]);
+        buf.extend_from_slice(b"hello");
+        let head = head(&mut buf);
+        assert_eq!(head.method, Method::Post);
+        assert_eq!(head.content_length, 5);
+        assert_eq!(head.var_count(), 6);
+        let vars: Vec<_> = head.vars().collect();
+        assert_eq!(vars[3], (&b"HTTP_COOKIE"[..], &b"a=1"[..]));
+        assert_eq!(vars[5], (&b"HTTP_COOKIE"[..], &b"b=2"[..]), "duplicates kept, in wire order");
+        assert_eq!(head.line.to_string(), "POST /p?q=1", "REQUEST_URI before PATH_INFO");
+        assert_eq!(&buf[..], b"hello", "the packet is taken off the front; the body stays");
+    }
+
+    #[test]
+    fn a_detached_line_reads_the_same_from_its_own_buffer() {
+        let mut buf = packet(&[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/only/path")]);
+        let line = head(&mut buf).line;
+        let detached = line.detached();
+        assert_eq!(detached.to_string(), "GET /only/path");
+        assert_eq!(detached.block.len(), "GET/only/path".len(), "only the method and the URI");
+    }
+
+    #[test]
+    fn framing_refuses_what_the_app_cannot_take() {
+        let limits = Limits::default();
+        let no_method = packet(&[(b"PATH_INFO", b"/")]);
+        assert!(matches!(frame(&no_method, &limits, None), Err(FramingError::BadRequest(_))));
+        let bad_length = packet(&[(b"REQUEST_METHOD", b"POST"), (b"CONTENT_LENGTH", b"12abc")]);
+        assert!(matches!(frame(&bad_length, &limits, None), Err(FramingError::BadRequest(_))));
+        let big = packet(&[(b"REQUEST_METHOD", b"POST"), (b"CONTENT_LENGTH", b"101")]);
+        assert!(matches!(
+            frame(&big, &limits, Some(100)),
+            Err(FramingError::BodyTooLarge { length: 101, limit: 100 })
+        ));
+        let whole = packet(&[(b"REQUEST_METHOD", b"GET")]);
+        for cut in 0..whole.len() {
+            assert!(frame(&whole[..cut], &limits, None).unwrap().is_none(), "incomplete at {cut}");
+        }
     }
 }

@@ -316,10 +316,11 @@ impl Responder {
 
     /// From now on the I/O runtime writes: `first` now, later parts through the channel.
     fn hand_off(&mut self, first: Part) -> Result<(), ClientGone> {
-        let State::Direct { conn, record, failed: _ } = std::mem::replace(&mut self.state, State::Closed)
+        let State::Direct { conn, mut record, failed: _ } = std::mem::replace(&mut self.state, State::Closed)
         else {
             return Err(ClientGone);
         };
+        record.line = record.line.detached();
         // The request body reader may still hold the connection; the runtime then gets a descriptor of its
         // own, and the connection closes once both are done with it.
         let conn = match Arc::try_unwrap(conn) {
@@ -469,5 +470,36 @@ fn drain_or_hand_off(front: &Arc<Front>, conn: Arc<Conn>, unread: u64) {
             }
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gathered(parts: &[&[u8]], skip: usize) -> Vec<u8> {
+        with_slices(parts, skip, |slices| slices.iter().flat_map(|s| s.iter().copied()).collect())
+    }
+
+    #[test]
+    fn slices_skip_what_was_written_across_parts() {
+        let parts: [&[u8]; 3] = [b"head", b"", b"body"];
+        assert_eq!(gathered(&parts, 0), b"headbody");
+        assert_eq!(gathered(&parts, 3), b"dbody");
+        assert_eq!(gathered(&parts, 4), b"body");
+        assert_eq!(gathered(&parts, 6), b"dy");
+        assert_eq!(gathered(&parts, 8), b"");
+        // More parts than fit on the stack.
+        let many: Vec<&[u8]> = (0..40).map(|_| &b"ab"[..]).collect();
+        assert_eq!(gathered(&many, 1).len(), 79);
+    }
+
+    #[test]
+    fn advance_drops_written_bytes_from_the_front() {
+        let mut parts = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de"), Bytes::from_static(b"f")];
+        advance(&mut parts, 4);
+        assert_eq!(parts, [Bytes::from_static(b"e"), Bytes::from_static(b"f")]);
+        advance(&mut parts, 2);
+        assert!(parts.is_empty());
     }
 }
