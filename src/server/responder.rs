@@ -194,6 +194,24 @@ impl Responder {
     /// buffer). `body` is only borrowed (cloned if handed off), so the caller drops the app's buffers where
     /// it holds the interpreter.
     pub fn send_last(&mut self, head: &[u8], inline: usize, body: &[Bytes]) -> Result<(), ClientGone> {
+        self.send_last_within(head, inline, body, WRITE_WAIT_ON_THREAD)
+    }
+
+    /// [`Responder::send_last`] without waiting at all: what the socket does not take at once goes to the
+    /// I/O runtime. For a caller that holds the interpreter: a small response to a fresh connection always
+    /// fits the socket's buffer, and writing it costs less than handing the interpreter to another thread
+    /// and taking it back.
+    pub fn send_last_now(&mut self, head: &[u8], inline: usize, body: &[Bytes]) -> Result<(), ClientGone> {
+        self.send_last_within(head, inline, body, Duration::ZERO)
+    }
+
+    fn send_last_within(
+        &mut self,
+        head: &[u8],
+        inline: usize,
+        body: &[Bytes],
+        wait: Duration,
+    ) -> Result<(), ClientGone> {
         let owned = |head: &[u8], written: usize| {
             let mut rest = Vec::with_capacity(body.len() + 1);
             if written < head.len() {
@@ -212,7 +230,7 @@ impl Responder {
         record.head_bytes += (head.len() - inline) as u64;
         record.body_bytes += (inline + body_len) as u64;
         let written = with_parts(head, body, |parts| {
-            write_from_thread(conn, parts, Wait::AllWithin(Instant::now() + WRITE_WAIT_ON_THREAD))
+            write_from_thread(conn, parts, Wait::AllWithin(Instant::now() + wait))
         });
         match written {
             Ok(written) if written == head.len() + body_len => Ok(()),

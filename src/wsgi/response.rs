@@ -23,6 +23,12 @@ use crate::server::{ClientGone, Front, Responder};
 /// which is kept alive until the write is done. Below it a copy is cheaper than the deferred reference drop.
 const COPY_CHUNKS_UP_TO: usize = 4096;
 
+/// A complete response up to this size, to a connection whose request body was all read, is written and
+/// the connection closed without releasing the interpreter: the socket takes it at once (a fresh
+/// connection's buffer holds far more), and a few microseconds of system calls cost less than handing the
+/// interpreter to another thread and waiting to take it back, which is what releasing it costs under load.
+const WRITE_HOLDING_INTERPRETER_MAX: usize = 16 * 1024;
+
 /// What was sent of the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
@@ -261,12 +267,24 @@ impl Sink {
             return last.map_or(Ok(()), |last| self.write(py, last));
         }
         let Some(mut responder) = self.responder.take() else { return Err(Failure::ClientGone) };
-        let sent = py.detach(|| {
-            let sent =
-                last.as_ref().map_or(Ok(()), |last| responder.send_last(&last.head, last.inline, &last.body));
+        let size =
+            last.as_ref().map_or(0, |last| last.head.len() + last.body.iter().map(Bytes::len).sum::<usize>());
+        let sent = if size <= WRITE_HOLDING_INTERPRETER_MAX {
+            // Written without releasing the interpreter: it never waits (see `send_last_now`).
+            let sent = last
+                .as_ref()
+                .map_or(Ok(()), |last| responder.send_last_now(&last.head, last.inline, &last.body));
             responder.finish(0);
             sent
-        });
+        } else {
+            py.detach(|| {
+                let sent = last
+                    .as_ref()
+                    .map_or(Ok(()), |last| responder.send_last(&last.head, last.inline, &last.body));
+                responder.finish(0);
+                sent
+            })
+        };
         // The app's buffers are let go here, with the interpreter held.
         drop(last);
         sent.map_err(|ClientGone| self.gone())
