@@ -197,7 +197,11 @@ fn queue_wait_rises_when_the_threads_are_saturated() {
     drop(slow);
     let waited = saturated.value("oxwsgi_request_queue_seconds_count")
         - saturated.value(r#"oxwsgi_request_queue_seconds_bucket{le="0.25"}"#);
-    assert!(waited >= 1.0, "a request queued behind a 300 ms one must wait over 250 ms");
+    assert!(
+        waited >= 1.0,
+        "a request queued behind a 300 ms one must wait over 250 ms\n{}",
+        metered.server.log()
+    );
     assert!(saturated.value("oxwsgi_request_queue_seconds_sum") >= 0.25);
 }
 

@@ -55,6 +55,20 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const PARK_TIMEOUT: Duration = Duration::from_millis(10);
 /// Connections one serving thread keeps that way at most; more go to the I/O runtime at once.
 const PARKED_MAX: usize = 32;
+/// A thread moves to the back of the wake-up order after waking for this many connections: often enough
+/// that a quiet server's requests go round its threads and workers, seldom enough that the two system calls
+/// it takes cost next to nothing per request.
+const ROTATE_AFTER_WAKES: u32 = 8;
+/// An extra `accept4` that found nothing is tried again once in this many chances, so a server that
+/// becomes busy starts taking connections without `epoll_wait` again (and measuring queue time, for
+/// accepting ahead) whatever the timing says; on a quiet server it costs an eighth of a failed call a request.
+const RETRY_EXTRA_ACCEPT_EVERY: u32 = 8;
+/// An `epoll_wait` that returned this soon found work waiting: the server is busy.
+const BUSY_WAKE: Duration = Duration::from_micros(20);
+/// After a request that kept its thread this long, the extra `accept4`s are tried whatever they found last
+/// time: one that fails costs a microsecond, nothing next to such a request, and a server of slow requests
+/// that saturates must show its queue time from the first request that waits.
+const LONG_REQUEST: Duration = Duration::from_millis(1);
 
 /// epoll tokens past the listeners' indices: parked connections are `PARKED_TOKEN + fd` (a descriptor is
 /// below 2^31), and the eventfds take the top values.
@@ -202,11 +216,11 @@ impl Front {
     pub fn acceptor(self: &Arc<Self>) -> io::Result<Acceptor> {
         let epoll = Epoll::new()?;
         for (index, listener) in self.listeners.iter().enumerate() {
-            epoll.add(listener.socket.as_raw_fd(), index as u64, true)?;
+            epoll.add(listener.socket.as_raw_fd(), index as u64, Watch::Exclusive)?;
         }
-        epoll.add(self.queue.ready.fd(), QUEUE_TOKEN, true)?;
-        epoll.add(self.stop.fd(), STOP_TOKEN, false)?;
-        epoll.add(self.queue.closed.fd(), CLOSED_TOKEN, false)?;
+        epoll.add(self.queue.ready.fd(), QUEUE_TOKEN, Watch::Exclusive)?;
+        epoll.add(self.stop.fd(), STOP_TOKEN, Watch::Shared)?;
+        epoll.add(self.queue.closed.fd(), CLOSED_TOKEN, Watch::Shared)?;
         self.serving.fetch_add(1, Ordering::AcqRel);
         self.accepting.fetch_add(1, Ordering::AcqRel);
         Ok(Acceptor {
@@ -217,6 +231,14 @@ impl Front {
             hot: None,
             streak: 0,
             came_free: false,
+            woken_for: 0,
+            load: LoadHints {
+                accept_before_sleep: true,
+                accept_ahead: true,
+                after_long_request: false,
+                skipped_before_sleep: 0,
+            },
+            handed_out_at: None,
             parked: Vec::new(),
             unparked: Vec::new(),
             backoff: MIN_ACCEPT_BACKOFF,
@@ -339,6 +361,36 @@ struct Parked {
     deadline: Instant,
 }
 
+/// What the last tries said about the load: each extra `accept4` is tried only while it finds connections,
+/// since on a quiet server it would only fail, a wasted system call per request.
+struct LoadHints {
+    /// Trying `accept4` before sleeping found a connection last time, or epoll just returned at once.
+    accept_before_sleep: bool,
+    /// Taking the next connection ahead found one last time.
+    accept_ahead: bool,
+    /// The request just served took at least [`LONG_REQUEST`].
+    after_long_request: bool,
+    /// Chances to accept before sleeping skipped since the last try.
+    skipped_before_sleep: u32,
+}
+
+impl LoadHints {
+    /// Whether a thread that came free tries `accept4` before sleeping.
+    fn try_accept_before_sleep(&mut self) -> bool {
+        if self.accept_before_sleep || self.after_long_request {
+            return true;
+        }
+        self.skipped_before_sleep += 1;
+        self.skipped_before_sleep % RETRY_EXTRA_ACCEPT_EVERY == 0
+    }
+
+    /// Whether a thread that came free and found a connection waiting takes the next one too; `streak` counts
+    /// the connections it took without sleeping.
+    fn try_accept_ahead(&self, streak: u32) -> bool {
+        self.accept_ahead || self.after_long_request || streak % RETRY_EXTRA_ACCEPT_EVERY == 0
+    }
+}
+
 /// One serving thread's way in: call [`Acceptor::next_job`] for each request.
 pub struct Acceptor {
     front: Arc<Front>,
@@ -349,9 +401,14 @@ pub struct Acceptor {
     /// connection is usually already queued there (one `accept4` instead of `epoll_wait` + `accept4`).
     hot: Option<usize>,
     streak: u32,
-    /// The thread finished a request and has not slept since: a connection it finds queued waited for a
-    /// thread (one that woke from epoll found it as soon as it came).
+    /// The thread finished a request and has not slept since, or only for an instant ([`BUSY_WAKE`]): a
+    /// connection it finds queued waited for a thread (one that woke from a real sleep found it as it came).
     came_free: bool,
+    /// Connections this thread woke for, to move to the back of the wake-up order now and then.
+    woken_for: u32,
+    load: LoadHints,
+    /// When the last job was handed out, to tell how long it kept the thread.
+    handed_out_at: Option<Instant>,
     /// Connections whose request has not arrived yet, in this thread's epoll set ([`Acceptor::park`]).
     parked: Vec<Parked>,
     /// Parked connections whose request arrived, to start next.
@@ -363,6 +420,13 @@ impl Acceptor {
     /// The next request to run, or [`Job::Collect`]; waits for one (call it with the interpreter released).
     /// `None` once the server stopped and every request was handed out.
     pub fn next_job(&mut self) -> Option<Job> {
+        self.load.after_long_request = self.handed_out_at.is_some_and(|at| at.elapsed() >= LONG_REQUEST);
+        let job = self.find_job();
+        self.handed_out_at = Some(Instant::now());
+        job
+    }
+
+    fn find_job(&mut self) -> Option<Job> {
         self.came_free = true;
         loop {
             match self.front.queue.try_pop() {
@@ -394,18 +458,31 @@ impl Acceptor {
                     return Some(Job::Request(request));
                 }
                 continue;
-            } else if let Some(index) = self.hot.filter(|_| self.streak < HOT_LISTENER_STREAK) {
-                if let Accept::Connection(arrival) = self.accept(index) {
+            } else if let Some(index) = self.hot.filter(|_| {
+                self.streak < HOT_LISTENER_STREAK && (!self.came_free || self.load.try_accept_before_sleep())
+            }) {
+                let accepted = self.accept(index);
+                if self.came_free {
+                    // Tried before sleeping: keep doing so only while it finds connections waiting.
+                    self.load.accept_before_sleep = matches!(accepted, Accept::Connection(_));
+                }
+                if let Accept::Connection(arrival) = accepted {
                     self.streak += 1;
                     if !self.came_free {
-                        self.to_back_of_queue(index);
-                    } else if self.front.queue.sleepers() == 0 {
+                        self.woken_for += 1;
+                        if self.woken_for % ROTATE_AFTER_WAKES == 0 {
+                            self.to_back_of_queue(index);
+                        }
+                    } else if self.front.queue.sleepers() == 0 && self.load.try_accept_ahead(self.streak) {
                         // A connection was waiting when this thread came free, and no thread is idle. The
                         // next one is taken too, if it is there, into the queue any thread takes from
                         // (this one, once free, or another that is sooner): how long it waits for a
                         // thread is then measured (`request_queue_seconds`), which the listen queue
-                        // cannot say.
-                        if let Accept::Connection(next) = self.accept(index) {
+                        // cannot say. Tried only while it finds one (now and then, and after a long
+                        // request), or it would cost a failed accept4 per request.
+                        let next = self.accept(index);
+                        self.load.accept_ahead = matches!(next, Accept::Connection(_));
+                        if let Accept::Connection(next) = next {
                             self.front.queue.push(Queued::Accepted(next));
                         }
                     }
@@ -416,10 +493,16 @@ impl Acceptor {
                 }
             }
             // A wake for the queue, a parked connection or a shutdown step keeps the listener to try first.
-            if let Some(index) = self.wait() {
+            let slept_from = Instant::now();
+            let woken_by = self.wait();
+            // Back at once: what woke it was already waiting when this thread came free, as a connection
+            // found by trying accept before sleeping would have been; so trying that pays again.
+            let at_once = slept_from.elapsed() < BUSY_WAKE;
+            if let Some(index) = woken_by {
                 self.hot = Some(index);
+                self.load.accept_before_sleep |= at_once;
             }
-            self.came_free = false;
+            self.came_free &= at_once;
             self.streak = 0;
         }
     }
@@ -469,14 +552,15 @@ impl Acceptor {
         listener
     }
 
-    /// This thread woke for a connection on listener `index` and takes it: it registers again, so the next
-    /// connection wakes another idle thread. The kernel wakes the first exclusive waiter it finds, always in
-    /// the same order: without this, one thread of one worker would take every request of a quiet server,
-    /// and the others would sit cold. (Busy threads are not waiting, so under load this changes nothing.)
+    /// This thread woke for connections on listener `index` [`ROTATE_AFTER_WAKES`] times: it registers
+    /// again, so the next connections wake another idle thread. The kernel wakes the first exclusive waiter
+    /// it finds, always in the same order: without this, one thread of one worker would take every request
+    /// of a quiet server, and the others would sit cold. (Busy threads are not waiting, so under load this
+    /// changes nothing.)
     fn to_back_of_queue(&self, index: usize) {
         let fd = self.front.listeners[index].socket.as_raw_fd();
         self.epoll.remove(fd);
-        if let Err(err) = self.epoll.add(fd, index as u64, true) {
+        if let Err(err) = self.epoll.add(fd, index as u64, Watch::Exclusive) {
             error!("cannot listen on {} again in this thread: {err}", self.front.listeners[index].spec);
         }
     }
@@ -487,18 +571,21 @@ impl Acceptor {
     fn park(&mut self, arrival: Arrival) {
         let fd = arrival.conn.as_raw_fd();
         let token = PARKED_TOKEN + u64::try_from(fd).unwrap_or(0);
-        if !self.accepting || self.parked.len() >= PARKED_MAX || self.epoll.add(fd, token, false).is_err() {
+        if !self.accepting
+            || self.parked.len() >= PARKED_MAX
+            || self.epoll.add(fd, token, Watch::Once).is_err()
+        {
             self.front.hand_over(arrival, &[]);
             return;
         }
         self.parked.push(Parked { arrival, deadline: Instant::now() + PARK_TIMEOUT });
     }
 
-    /// The request of parked connection `fd` arrived: it is started next.
+    /// The request of parked connection `fd` arrived: it is started next. Its one-shot registration is now
+    /// disarmed, and goes when the connection is closed: no system call to remove it.
     fn unpark(&mut self, fd: RawFd) {
         if let Some(at) = self.parked.iter().position(|parked| parked.arrival.conn.as_raw_fd() == fd) {
             let parked = self.parked.swap_remove(at);
-            self.epoll.remove(fd);
             self.unparked.push(parked.arrival);
         }
     }
@@ -797,6 +884,17 @@ impl EventFd {
     }
 }
 
+/// How an epoll set watches a descriptor for input.
+#[derive(Clone, Copy)]
+enum Watch {
+    /// Every set watching it wakes (shutdown steps).
+    Shared,
+    /// One readiness wakes one of the sets waiting on it (`EPOLLEXCLUSIVE`): listeners, the queue.
+    Exclusive,
+    /// Reported once, then disarmed until removed (`EPOLLONESHOT`): parked connections.
+    Once,
+}
+
 /// An epoll instance.
 struct Epoll(OwnedFd);
 
@@ -811,10 +909,13 @@ impl Epoll {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    /// Watches `fd` for input, level-triggered. `exclusive`: one readiness wakes one of the epoll sets
-    /// waiting on it, not all (`EPOLLEXCLUSIVE`).
-    fn add(&self, fd: RawFd, token: u64, exclusive: bool) -> io::Result<()> {
-        let flags = if exclusive { libc::EPOLLIN | libc::EPOLLEXCLUSIVE } else { libc::EPOLLIN };
+    /// Watches `fd` for input, level-triggered.
+    fn add(&self, fd: RawFd, token: u64, watch: Watch) -> io::Result<()> {
+        let flags = match watch {
+            Watch::Shared => libc::EPOLLIN,
+            Watch::Exclusive => libc::EPOLLIN | libc::EPOLLEXCLUSIVE,
+            Watch::Once => libc::EPOLLIN | libc::EPOLLONESHOT,
+        };
         // Both flags are positive bit masks, so the absolute value is the same bits.
         let mut event = libc::epoll_event { events: flags.unsigned_abs(), u64: token };
         // SAFETY: valid epoll and target descriptors, and a valid event.
