@@ -12,7 +12,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::thread;
 
-use support::{app_path, free_port, temp_dir, RequestBuilder, Server, POLL_INTERVAL, POLL_TRIES};
+use support::{
+    app_path, free_port, run_to_exit, temp_dir, RequestBuilder, Server, POLL_INTERVAL, POLL_TRIES,
+};
 
 /// One scrape: `name{labels}` exactly as exposed → value.
 struct Scrape(BTreeMap<String, f64>);
@@ -271,6 +273,65 @@ fn other_paths_and_methods_are_refused() {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
+}
+
+/// The master's clients of one endpoint served at once (`MAX_CLIENTS` in src/metrics/endpoint.rs).
+const ENDPOINT_CLIENTS: usize = 16;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the master's descriptors").count()
+}
+
+#[test]
+fn a_flood_of_silent_metrics_clients_costs_a_bounded_number_of_descriptors() {
+    let metered = Metered::start(&[]);
+    let master = metered.server.pid();
+    let before = open_fds(master);
+    let silent: Vec<TcpStream> =
+        (0..100).map(|_| TcpStream::connect(("127.0.0.1", metered.metrics_port)).unwrap()).collect();
+    let held = || open_fds(master).saturating_sub(before);
+    let mut tries = 0;
+    while held() < ENDPOINT_CLIENTS {
+        tries += 1;
+        assert!(tries < POLL_TRIES, "the master never took {ENDPOINT_CLIENTS} clients: {} held", held());
+        thread::sleep(POLL_INTERVAL);
+    }
+    // Uncapped, the accept loop would take all 100 within a few milliseconds.
+    for _ in 0..25 {
+        let held = held();
+        assert!(held <= ENDPOINT_CLIENTS + 2, "{held} descriptors held for silent clients");
+        thread::sleep(POLL_INTERVAL);
+    }
+    drop(silent);
+    // The silent clients gone, their places are free again at once.
+    assert!(metered.scrape().value(r#"oxwsgi_workers{state="ready"}"#) >= 1.0);
+}
+
+#[test]
+fn a_live_stats_socket_is_not_stolen() {
+    let dir = temp_dir();
+    let stats_path = dir.join("stats.sock");
+    // Another program's live socket at the path --stats names.
+    let live = std::os::unix::net::UnixListener::bind(&stats_path).unwrap();
+    let output = run_to_exit(&[
+        "--processes",
+        "1",
+        "--socket",
+        &dir.join("serve.sock").display().to_string(),
+        "--wsgi-file",
+        &app_path("hello.py").display().to_string(),
+        "--stats",
+        &stats_path.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|line| line.starts_with("oxwsgi: error: ")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("--stats"), "{stderr}");
+    // The live socket is still there and still reaches its owner.
+    let _client = std::os::unix::net::UnixStream::connect(&stats_path).expect("the live socket was kept");
+    live.accept().expect("its owner still accepts on it");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

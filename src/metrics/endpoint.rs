@@ -7,16 +7,18 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use super::exposition::CONTENT_TYPE;
 use crate::config::SocketSpec;
+use crate::server::remove_stale_socket;
 
 /// A scraper gets this long to send its request head and to read the answer; a stuck one must not keep a
 /// task and a descriptor for ever.
@@ -25,6 +27,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long a connection waits for the supervisor's answer (it is busy only while starting or stopping).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients one endpoint serves at once; more wait in its listen queue. Prometheus and uwsgitop ask one at
+/// a time: the cap keeps a flood of connections from costing the master a task and a descriptor each.
+const MAX_CLIENTS: usize = 16;
 
 /// What an endpoint asks the supervisor for.
 pub enum Query {
@@ -36,11 +41,14 @@ pub enum Query {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener, queries: mpsc::Sender<Query>) {
+    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
+        let admitted = admit(&clients).await;
         match listener.accept().await {
             Ok((stream, _)) => {
                 let queries = queries.clone();
                 tokio::spawn(async move {
+                    let _admitted = admitted;
                     if let Err(err) = answer_http(stream, &queries).await {
                         debug!("metrics client: {err}");
                     }
@@ -58,7 +66,8 @@ pub enum StatsListener {
 }
 
 impl StatsListener {
-    /// Binds `spec` (a stale Unix socket file is replaced, as for the serving sockets).
+    /// Binds `spec`. As for the serving sockets, a stale Unix socket file is replaced, and a live one (a
+    /// running server's) is an error, never stolen.
     pub fn bind(spec: &SocketSpec) -> io::Result<Self> {
         match spec {
             SocketSpec::Tcp(addr) => {
@@ -67,10 +76,7 @@ impl StatsListener {
                 Ok(Self::Tcp(TcpListener::from_std(listener)?))
             }
             SocketSpec::Unix(path) => {
-                match std::fs::remove_file(path) {
-                    Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-                    _ => {}
-                }
+                remove_stale_socket(path)?;
                 Ok(Self::Unix(UnixListener::bind(path)?, path.clone()))
             }
         }
@@ -88,7 +94,9 @@ impl Drop for StatsListener {
 /// Writes the stats document to each client that connects; with `http`, after an HTTP/1.0 head (uWSGI's
 /// `--stats-http`), so a browser or `curl` can read it.
 pub async fn serve_stats(listener: StatsListener, http: bool, queries: mpsc::Sender<Query>) {
+    let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
+        let admitted = admit(&clients).await;
         let accepted = match &listener {
             StatsListener::Tcp(tcp) => tcp.accept().await.map(|(s, _)| Client::Tcp(s)),
             StatsListener::Unix(unix, _) => unix.accept().await.map(|(s, _)| Client::Unix(s)),
@@ -97,6 +105,7 @@ pub async fn serve_stats(listener: StatsListener, http: bool, queries: mpsc::Sen
             Ok(client) => {
                 let queries = queries.clone();
                 tokio::spawn(async move {
+                    let _admitted = admitted;
                     let written = match client {
                         Client::Tcp(stream) => write_stats(stream, http, &queries).await,
                         Client::Unix(stream) => write_stats(stream, http, &queries).await,
@@ -114,6 +123,11 @@ pub async fn serve_stats(listener: StatsListener, http: bool, queries: mpsc::Sen
 enum Client {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// Waits until fewer than [`MAX_CLIENTS`] are being served; the permit goes with the client's task.
+async fn admit(clients: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    Arc::clone(clients).acquire_owned().await.expect("the semaphore is never closed")
 }
 
 async fn accept_failed(err: &io::Error) {

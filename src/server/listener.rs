@@ -92,7 +92,9 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
     Ok(BoundSocket { spec: spec.clone(), socket })
 }
 
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// Makes way for a Unix socket at `path`: a socket file nobody accepts on (left by a dead process) is
+/// removed; a live one, or a path that is not a socket, is an error.
+pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };

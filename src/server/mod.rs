@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 pub use conn::Kind;
 pub use front::{Acceptor, Front, Job, Request};
+pub(crate) use listener::remove_stale_socket;
 pub use listener::{bind, BoundSocket};
 pub use request::{Body, ListenerInfo, RequestHead, RequestLine};
 pub use responder::{ClientGone, Responder};
