@@ -428,6 +428,18 @@ fn wsgi_errors_lines_reach_the_log() {
     assert!(log.contains("errors-writelines-marker"), "{log}");
 }
 
+#[test]
+fn a_long_wsgi_errors_line_is_logged_in_bounded_pieces() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get("/long-error-line").status_line, "HTTP/1.1 200 OK");
+    let log = server.wait_log("long-error-tail-marker");
+    let pieces: Vec<&str> = log.lines().filter(|line| line.contains('Q')).collect();
+    let logged: usize = pieces.iter().map(|line| line.matches('Q').count()).sum();
+    assert_eq!(logged, 100 * 1024, "every character reaches the log");
+    assert!(pieces.len() >= 100 * 1024 / (16 * 1024), "logged in pieces: {}", pieces.len());
+    assert!(pieces.iter().all(|line| line.len() < 16 * 1024 + 200), "no piece over the limit");
+}
+
 // --- wsgi.input ------------------------------------------------------------------------------------
 
 #[test]
@@ -489,6 +501,20 @@ fn input_readline_readlines_and_iteration() {
     assert_eq!(report.get("5_iteration"), "[b'y\\n', b'z\\n', b'last']");
     assert_eq!(report.get("6_readline_at_end"), "b''");
     assert_eq!(report.get("7_readlines_at_end"), "[]");
+}
+
+#[test]
+fn input_lines_are_bounded_and_lose_nothing() {
+    let server = Server::start(&[]);
+    // 200 KiB without a newline, then a short line: read by lines, the long one comes in 64 KiB pieces.
+    let mut body = vec![b'a'; 200 * 1024];
+    body.extend_from_slice(b"\nend\n");
+    let report = report_of(&server, &RequestBuilder::post("/long-lines", &body));
+    assert_eq!(report.get("first"), "65536", "readline() stops at the line limit");
+    assert_eq!(report.get("second"), "65536", "readline(-1) too");
+    assert_eq!(report.get("rest"), "[65536, 8193, 4]", "iteration returns the rest in pieces, then the line");
+    assert_eq!(report.get("joined"), body.len().to_string(), "the pieces are the whole body");
+    assert_eq!(report.get("last"), "b'end\\n'");
 }
 
 #[test]

@@ -17,6 +17,13 @@ const READ_RESERVE_AHEAD: usize = 1024 * 1024;
 /// Reads up to this size, when nothing is buffered, go from the socket straight into the `bytes` object
 /// the app gets; larger ones (a `read()` of a huge declared length) grow with what arrives instead.
 const DIRECT_READ_MAX: usize = 1024 * 1024;
+/// The longest line `readline()` without a size, `readlines()` and iteration return: a longer one comes in
+/// pieces of this size, so an app reading lines never makes the server hold a whole body that has no
+/// newline (a 100 MB upload). 64 KiB is the standard library's own line limit for form data (`cgi`).
+const MAX_LINE: usize = 64 * 1024;
+/// The longest `wsgi.errors` line kept before it is logged: a longer one is logged in pieces, so an app
+/// that never writes a newline cannot grow the partial line without bound.
+const MAX_ERROR_LINE: usize = 16 * 1024;
 
 /// `wsgi.input`: the request body. Ends at `CONTENT_LENGTH`, never reads past it, and waits for the socket
 /// with the interpreter released. Usable until the request ends, even if the app keeps it longer.
@@ -141,7 +148,10 @@ impl Input {
     #[pyo3(signature = (size = None, /))]
     fn readline<'py>(&self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
         let mut body = self.lock(py);
-        let limit = limit(size, body.available());
+        let limit = match size {
+            Some(size) if size >= 0 => limit(Some(size), body.available()),
+            _ => MAX_LINE,
+        };
         let line = read_line(py, &mut body, limit)?;
         Ok(PyBytes::new(py, &line))
     }
@@ -153,7 +163,7 @@ impl Input {
         let lines = PyList::empty(py);
         let mut total = 0;
         loop {
-            let line = read_line(py, &mut body, usize::MAX)?;
+            let line = read_line(py, &mut body, MAX_LINE)?;
             if line.is_empty() {
                 break;
             }
@@ -171,7 +181,7 @@ impl Input {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let line = read_line(py, &mut self.lock(py), usize::MAX)?;
+        let line = read_line(py, &mut self.lock(py), MAX_LINE)?;
         Ok((!line.is_empty()).then(|| PyBytes::new(py, &line)))
     }
 
@@ -201,6 +211,14 @@ impl ErrorStream {
         while let Some(newline) = partial.find('\n') {
             let line: String = partial.drain(..=newline).collect();
             tracing::warn!(target: "wsgi.errors", "{}", line.trim_end());
+        }
+        while partial.len() >= MAX_ERROR_LINE {
+            let mut cut = MAX_ERROR_LINE;
+            while !partial.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let piece: String = partial.drain(..cut).collect();
+            tracing::warn!(target: "wsgi.errors", "{piece}");
         }
         Ok(text.chars().count())
     }

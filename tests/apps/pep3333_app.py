@@ -121,6 +121,30 @@ def readline(environ, start_response, query):
     return report(start_response, values)
 
 
+def long_lines(environ, start_response, query):
+    """A body whose first line is longer than the server's line limit, read by lines three ways."""
+    stream = environ["wsgi.input"]
+    first = stream.readline()
+    second = stream.readline(-1)
+    rest = list(stream)
+    values = {
+        "first": len(first),
+        "second": len(second),
+        "rest": [len(line) for line in rest],
+        "joined": len(first + second + b"".join(rest)),
+        "last": rest[-1] if rest else b"",
+    }
+    return report(start_response, values)
+
+
+def long_error_line(environ, start_response, query):
+    stream = environ["wsgi.errors"]
+    for _ in range(100):
+        stream.write("Q" * 1024)
+    stream.write("long-error-tail-marker\n")
+    return report(start_response, {"ok": True})
+
+
 def read_past(environ, start_response, query):
     stream = environ["wsgi.input"]
     first = stream.read(int(query.get("n", "100")))
@@ -525,6 +549,8 @@ ROUTES = {
     "/echo": echo,
     "/read-sized": read_sized,
     "/readline": readline,
+    "/long-lines": long_lines,
+    "/long-error-line": long_error_line,
     "/read-past": read_past,
     "/read-chunks": read_chunks,
     "/stream-bytes": stream_bytes,
