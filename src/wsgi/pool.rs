@@ -62,14 +62,27 @@ impl Pool {
             }
             None => None,
         };
-        let handles = (0..threads)
-            .map(|index| {
+        // Built before any thread starts, so a failure is the worker's start error (the master sees it)
+        // and never a thread that quietly stops serving. Per thread, so `wsgi.errors` lines from different
+        // threads never interleave.
+        let environs = Python::attach(|py| {
+            (0..threads)
+                .map(|_| EnvironTemplate::new(py, threads > 1, config.multiprocess))
+                .collect::<PyResult<Vec<_>>>()
+                .map_err(|err| {
+                    StartError(format!("cannot prepare the WSGI environ:\n{}", traceback(py, &err)))
+                })
+        })?;
+        let handles = environs
+            .into_iter()
+            .enumerate()
+            .map(|(index, environ)| {
                 let acceptor = front.acceptor()?;
                 let thread = PoolThread { index, app: Arc::clone(&app), board: board.clone(), metrics };
                 let front = Arc::clone(front);
-                std::thread::Builder::new()
-                    .name(format!("oxwsgi-py-{index}"))
-                    .spawn(move || Python::attach(|py| serve_requests(py, &thread, acceptor, &front, config)))
+                std::thread::Builder::new().name(format!("oxwsgi-py-{index}")).spawn(move || {
+                    Python::attach(|py| serve_requests(py, &thread, environ, acceptor, &front))
+                })
             })
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| StartError(format!("cannot start Python threads: {e}")))?;
@@ -104,21 +117,13 @@ struct PoolThread {
 fn serve_requests(
     py: Python<'_>,
     thread: &PoolThread,
+    mut environ: EnvironTemplate,
     mut acceptor: crate::server::Acceptor,
     front: &Arc<Front>,
-    config: PoolConfig,
 ) {
     if let Some(board) = &thread.board {
         board.register_thread(thread.index, py);
     }
-    // Per thread, so `wsgi.errors` lines from different threads never interleave.
-    let mut environ = match EnvironTemplate::new(py, config.threads.get() > 1, config.multiprocess) {
-        Ok(environ) => environ,
-        Err(err) => {
-            error!("cannot prepare the WSGI environ template; this thread stops:\n{}", traceback(py, &err));
-            return;
-        }
-    };
     // Returning from `detach` re-attaches, which also frees what the I/O runtime released (`Job::Collect`).
     while let Some(job) = py.detach(|| acceptor.next_job()) {
         let Job::Request(request) = job else { continue };
