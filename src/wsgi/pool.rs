@@ -81,7 +81,7 @@ impl Pool {
                 let thread = PoolThread { index, app: Arc::clone(&app), board: board.clone(), metrics };
                 let front = Arc::clone(front);
                 std::thread::Builder::new().name(format!("oxwsgi-py-{index}")).spawn(move || {
-                    Python::attach(|py| serve_requests(py, &thread, environ, acceptor, &front))
+                    Python::attach(|py| serve_requests(py, &thread, environ, acceptor, &front));
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()
