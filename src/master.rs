@@ -221,21 +221,21 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
 /// What the workers' tasks tell the supervisor.
 enum Event {
     Ready {
-        pid: u32,
+        pid: WorkerPid,
     },
     Retire {
-        pid: u32,
+        pid: WorkerPid,
         reason: Retirement,
     },
     Harakiri {
-        pid: u32,
+        pid: WorkerPid,
     },
     /// The harakiri grace is over.
     Kill {
-        pid: u32,
+        pid: WorkerPid,
     },
     Exited {
-        pid: u32,
+        pid: WorkerPid,
         status: io::Result<ExitStatus>,
     },
     /// A replacement's back-off delay is over.
@@ -284,7 +284,7 @@ struct Worker {
     spawned_at: SystemTime,
     ready: bool,
     /// A replacement is starting (its pid): this one stops once that one is ready.
-    replaced_by: Option<u32>,
+    replaced_by: Option<WorkerPid>,
     /// Told to stop: its exit is expected.
     retiring: bool,
     /// Due for replacement (for this reason) but its last replacement failed to start: tried again, from
@@ -315,6 +315,9 @@ const LISTEN_QUEUE_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Scrapes waiting for the supervisor: it answers each in well under a millisecond, so a handful covers
 /// several Prometheus servers and a uwsgitop at once.
 const QUERY_QUEUE: usize = 16;
+/// Events waiting for the supervisor. A worker's control messages are each passed on once, so a worker
+/// causes a few events in its life; the bound is for one that misbehaves (its reader then waits).
+const EVENT_QUEUE: usize = 64;
 
 struct Supervisor<'a> {
     config: &'a Config,
@@ -325,14 +328,14 @@ struct Supervisor<'a> {
     socket_names: Vec<String>,
     /// When each socket's full queue was last logged.
     listen_queue_warned: Vec<Option<Instant>>,
-    workers: HashMap<u32, Worker>,
-    events: mpsc::UnboundedSender<Event>,
-    inbox: mpsc::UnboundedReceiver<Event>,
+    workers: HashMap<WorkerPid, Worker>,
+    events: mpsc::Sender<Event>,
+    inbox: mpsc::Receiver<Event>,
     backoff: Duration,
     /// Harakiri kills so far (logged with each; the metrics issue exports it).
     harakiri_count: u64,
     /// Workers that were starting when a SIGHUP came: replaced once they are ready.
-    reload_when_ready: std::collections::HashSet<u32>,
+    reload_when_ready: std::collections::HashSet<WorkerPid>,
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
@@ -352,7 +355,7 @@ impl<'a> Supervisor<'a> {
         socket_names: Vec<String>,
         books: Option<(Books, OwnedFd)>,
     ) -> Self {
-        let (events, inbox) = mpsc::unbounded_channel();
+        let (events, inbox) = mpsc::channel(EVENT_QUEUE);
         let (query_sender, queries) = mpsc::channel(QUERY_QUEUE);
         let backoff = RESPAWN_BACKOFF_MIN;
         Self {
@@ -453,7 +456,7 @@ impl<'a> Supervisor<'a> {
         Ok(())
     }
 
-    fn on_ready(&mut self, pid: u32) {
+    fn on_ready(&mut self, pid: WorkerPid) {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         worker.ready = true;
         info!("worker {} (pid {pid}) ready", worker.slot);
@@ -475,7 +478,7 @@ impl<'a> Supervisor<'a> {
 
     /// Starts a replacement for `pid`; `pid` stops once the replacement accepts (never before, so no
     /// request finds nobody accepting).
-    fn retire(&mut self, pid: u32, reason: Retirement) {
+    fn retire(&mut self, pid: WorkerPid, reason: Retirement) {
         let Some(worker) = self.workers.get(&pid) else { return };
         let backing_off = worker.pending.is_some_and(|(_, retry_at)| Instant::now() < retry_at);
         if worker.retiring || worker.replaced_by.is_some() || !worker.ready || backing_off {
@@ -499,7 +502,7 @@ impl<'a> Supervisor<'a> {
 
     /// A request outlived `--harakiri` in worker `pid`: it is killed after [`HARAKIRI_GRACE`], and its
     /// replacement starts now (the stuck worker serves nothing meanwhile).
-    fn harakiri(&mut self, pid: u32) {
+    fn harakiri(&mut self, pid: WorkerPid) {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
         self.harakiri_count += 1;
         let slot = worker.slot;
@@ -519,7 +522,7 @@ impl<'a> Supervisor<'a> {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(HARAKIRI_GRACE).await;
-            let _ = events.send(Event::Kill { pid });
+            let _ = events.send(Event::Kill { pid }).await;
         });
         if !successor_exists {
             self.spawn_or_retry(slot);
@@ -536,7 +539,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn reload(&mut self) {
-        let current: Vec<u32> = self
+        let current: Vec<WorkerPid> = self
             .workers
             .iter()
             .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
@@ -544,7 +547,8 @@ impl<'a> Supervisor<'a> {
             .collect();
         // Workers still starting (a replacement, a respawn) may have imported the code before this SIGHUP:
         // they are replaced too, as soon as they are ready.
-        let starting: Vec<u32> = self.workers.iter().filter(|(_, w)| !w.ready).map(|(&pid, _)| pid).collect();
+        let starting: Vec<WorkerPid> =
+            self.workers.iter().filter(|(_, w)| !w.ready).map(|(&pid, _)| pid).collect();
         info!(
             "SIGHUP received: replacing {} workers with ones that load the app anew",
             current.len() + starting.len()
@@ -581,7 +585,7 @@ impl<'a> Supervisor<'a> {
 
     fn check_limits(&mut self) {
         let recycle = self.config.processes.recycle;
-        let due: Vec<(u32, Retirement)> = self
+        let due: Vec<(WorkerPid, Retirement)> = self
             .workers
             .iter()
             .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
@@ -593,9 +597,9 @@ impl<'a> Supervisor<'a> {
                 if recycle.max_worker_lifetime.is_some_and(|limit| w.started.elapsed() >= limit) {
                     return Some((pid, Retirement::Lifetime));
                 }
-                let rss = recycle
-                    .reload_on_rss
-                    .and_then(|limit| books::memory(pid).map(|m| m.resident).filter(|&rss| rss > limit));
+                let rss = recycle.reload_on_rss.and_then(|limit| {
+                    books::memory(pid.get()).map(|m| m.resident).filter(|&rss| rss > limit)
+                });
                 rss.map(|_| (pid, Retirement::Rss))
             })
             .collect();
@@ -604,7 +608,7 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    async fn on_exit(&mut self, pid: u32, status: &io::Result<ExitStatus>) -> Result<(), MasterError> {
+    async fn on_exit(&mut self, pid: WorkerPid, status: &io::Result<ExitStatus>) -> Result<(), MasterError> {
         self.reload_when_ready.remove(&pid);
         let Some(worker) = self.forget(pid) else { return Ok(()) };
         let (slot, how) = (worker.slot, describe_exit(status));
@@ -650,7 +654,7 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Removes an exited worker; its metrics cell joins the totals.
-    fn forget(&mut self, pid: u32) -> Option<Worker> {
+    fn forget(&mut self, pid: WorkerPid) -> Option<Worker> {
         let worker = self.workers.remove(&pid)?;
         if let Some((books, _)) = &mut self.books {
             books.exited(worker.cell);
@@ -693,7 +697,7 @@ impl<'a> Supervisor<'a> {
             .iter()
             .map(|(&pid, w)| WorkerInfo {
                 id: w.slot,
-                pid,
+                pid: pid.get(),
                 state: w.state(),
                 spawned_at: w.spawned_at,
                 cell: w.cell,
@@ -718,7 +722,7 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    fn stop_worker(&mut self, pid: u32) {
+    fn stop_worker(&mut self, pid: WorkerPid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.retiring = true;
             worker.replaced_by = None;
@@ -727,7 +731,7 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Starts a worker for `slot`, with a task relaying what it says and when it exits. Returns its pid.
-    fn spawn(&mut self, slot: usize) -> Result<u32, MasterError> {
+    fn spawn(&mut self, slot: usize) -> Result<WorkerPid, MasterError> {
         let fail = |err: io::Error| MasterError(format!("cannot start worker {slot}: {err}"));
         let (master_end, worker_end) = UnixStream::pair().map_err(fail)?;
         let worker_end =
@@ -793,7 +797,7 @@ impl<'a> Supervisor<'a> {
             });
         }
         let child = tokio::process::Command::from(command).kill_on_drop(false).spawn();
-        let mut child = match child {
+        let child = match child {
             Ok(child) => child,
             Err(err) => {
                 if let Some((books, _)) = &mut self.books {
@@ -803,7 +807,12 @@ impl<'a> Supervisor<'a> {
             }
         };
         drop(worker_end);
-        let pid = child.id().unwrap_or_default();
+        let Some(pid) = WorkerPid::of(&child) else {
+            if let Some((books, _)) = &mut self.books {
+                books.exited(cell);
+            }
+            return Err(fail(io::Error::other("the worker exited before its pid was read")));
+        };
         let worker = Worker {
             slot,
             started: Instant::now(),
@@ -818,27 +827,8 @@ impl<'a> Supervisor<'a> {
         self.workers.insert(pid, worker);
         info!("worker {slot} started (pid {pid})");
         master_end.set_nonblocking(true).map_err(fail)?;
-        let mut control = tokio::net::UnixStream::from_std(master_end).map_err(fail)?;
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let mut message = [0u8; 1];
-            let status = loop {
-                tokio::select! {
-                    read = control.read(&mut message) => match (read, message[0]) {
-                        (Ok(1), SAYS_READY) => { let _ = events.send(Event::Ready { pid }); }
-                        (Ok(1), SAYS_MAX_REQUESTS) => {
-                            let _ = events.send(Event::Retire { pid, reason: Retirement::MaxRequests });
-                        }
-                        (Ok(1), SAYS_HARAKIRI) => { let _ = events.send(Event::Harakiri { pid }); }
-                        (Ok(1), _) => {}
-                        // The worker closed its end (it is exiting): only its exit status is left to wait for.
-                        _ => break child.wait().await,
-                    },
-                    status = child.wait() => break status,
-                }
-            };
-            let _ = events.send(Event::Exited { pid, status });
-        });
+        let control = tokio::net::UnixStream::from_std(master_end).map_err(fail)?;
+        tokio::spawn(watch_worker(pid, child, control, self.events.clone()));
         Ok(pid)
     }
 
@@ -859,7 +849,7 @@ impl<'a> Supervisor<'a> {
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let _ = events.send(Event::Respawn { slot });
+            let _ = events.send(Event::Respawn { slot }).await;
         });
     }
 
@@ -894,10 +884,65 @@ impl<'a> Supervisor<'a> {
     }
 }
 
-fn send_signal(pid: u32, signal: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) with the pid of one of our children and a valid signal number.
-        unsafe { libc::kill(pid, signal) };
+/// Passes on what worker `pid` says on its control socket, then its exit.
+async fn watch_worker(
+    pid: WorkerPid,
+    mut child: tokio::process::Child,
+    mut control: tokio::net::UnixStream,
+    events: mpsc::Sender<Event>,
+) {
+    let mut message = [0u8; 1];
+    // Each message means a state the worker reached; one saying it again changes nothing.
+    let mut said = Vec::with_capacity(3);
+    let status = loop {
+        tokio::select! {
+            read = control.read(&mut message) => match read {
+                Ok(1) if said.contains(&message[0]) => {}
+                Ok(1) => {
+                    let event = match message[0] {
+                        SAYS_READY => Event::Ready { pid },
+                        SAYS_MAX_REQUESTS => Event::Retire { pid, reason: Retirement::MaxRequests },
+                        SAYS_HARAKIRI => Event::Harakiri { pid },
+                        _ => continue,
+                    };
+                    said.push(message[0]);
+                    let _ = events.send(event).await;
+                }
+                // The worker closed its end (it is exiting): only its exit status is left to wait for.
+                _ => break child.wait().await,
+            },
+            status = child.wait() => break status,
+        }
+    };
+    let _ = events.send(Event::Exited { pid, status }).await;
+}
+
+fn send_signal(pid: WorkerPid, signal: libc::c_int) {
+    // SAFETY: kill(2) with the pid of one of our children (positive: never a process group) and a valid
+    // signal number.
+    unsafe { libc::kill(pid.0.get(), signal) };
+}
+
+/// A worker's process id. Always positive: `kill(2)` takes 0 for the master's own process group and -1 for
+/// every process it may signal, so a pid that is not a real child's cannot be made into one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WorkerPid(std::num::NonZeroI32);
+
+impl WorkerPid {
+    /// The pid of a child just spawned; `None` if it has already been reaped (it has none any more).
+    fn of(child: &tokio::process::Child) -> Option<Self> {
+        let pid = libc::pid_t::try_from(child.id()?).ok().filter(|&pid| pid > 0)?;
+        std::num::NonZeroI32::new(pid).map(Self)
+    }
+
+    pub(crate) fn get(self) -> u32 {
+        self.0.get().unsigned_abs()
+    }
+}
+
+impl fmt::Display for WorkerPid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
