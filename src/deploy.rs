@@ -5,11 +5,10 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
-use socket2::Socket;
 use tracing::{info, warn};
 
 use crate::config::SocketSpec;
@@ -31,28 +30,22 @@ pub fn systemd_sockets() -> io::Result<Option<Vec<BoundSocket>>> {
         unsafe { std::env::remove_var(name) };
     }
     let (true, Some(count)) = (for_us, count) else { return Ok(None) };
-    // SAFETY: systemd hands this process descriptors 3..3+LISTEN_FDS, which nothing else here owns.
     (SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + count)
-        .map(|fd| unsafe { adopt(fd) })
+        // SAFETY: systemd hands this process (LISTEN_PID said so) descriptors 3..3+LISTEN_FDS, which
+        // nothing else here owns, and each is taken once.
+        .map(|fd| adopt(unsafe { OwnedFd::from_raw_fd(fd) }))
         .collect::<io::Result<_>>()
         .map(Some)
 }
 
-/// Takes ownership of the listening socket at `fd`, whose address says where it listens.
-///
-/// # Safety
-/// `fd` must be an open listening socket that nothing else in this process owns.
-pub unsafe fn adopt(fd: RawFd) -> io::Result<BoundSocket> {
-    // SAFETY: the caller guarantees the descriptor; the socket is only borrowed to read its address.
-    let borrowed =
-        std::mem::ManuallyDrop::new(unsafe { <Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    let spec = spec_of(&borrowed)?;
-    // SAFETY: as above; from here the BoundSocket owns the descriptor.
-    unsafe { BoundSocket::inherited(fd, spec) }
+/// A listening socket handed to this process, whose address says where it listens.
+pub fn adopt(socket: OwnedFd) -> io::Result<BoundSocket> {
+    let spec = spec_of(socket.as_fd())?;
+    BoundSocket::inherited(socket, spec)
 }
 
-fn spec_of(socket: &Socket) -> io::Result<SocketSpec> {
-    let address = socket.local_addr()?;
+fn spec_of(socket: BorrowedFd<'_>) -> io::Result<SocketSpec> {
+    let address = socket2::SockRef::from(&socket).local_addr()?;
     if let Some(address) = address.as_socket() {
         return Ok(SocketSpec::Tcp(address));
     }

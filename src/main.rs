@@ -26,14 +26,23 @@ fn main() -> ExitCode {
         Err(err) => return fail(err),
     };
     init_logging();
-    let inherited = master::Inherited::from_env();
-    let sockets = match take_sockets(&mut config, inherited.as_ref()) {
+    let inherited = match master::Inherited::from_env() {
+        Ok(inherited) => inherited,
+        Err(err) => return fail(err),
+    };
+    if let Some(inherited) = inherited {
+        // The master bound the sockets and removes their files; it also replaces this worker when asked.
+        config.server.vacuum = false;
+        config.server.max_requests = inherited.max_requests(&config.processes.recycle);
+        return match inherited.into_handoff() {
+            Ok(handoff) => serve(&config, handoff.sockets, Some((handoff.control, handoff.recorder))),
+            Err(err) => fail(format!("cannot use the sockets from the master: {err}")),
+        };
+    }
+    let sockets = match take_sockets(&mut config) {
         Ok(sockets) => sockets,
         Err(err) => return fail(err),
     };
-    if inherited.is_some() {
-        return serve(&config, sockets, inherited);
-    }
     // Only the process that bound the sockets writes the pidfile and drops privileges (workers inherit both).
     let _pidfile = match config.pidfile.as_deref().map(deploy::Pidfile::create).transpose() {
         Ok(pidfile) => pidfile,
@@ -51,17 +60,8 @@ fn main() -> ExitCode {
     serve(&config, sockets, None)
 }
 
-/// The listening sockets: from the master (a worker), from systemd (socket activation), or bound here.
-fn take_sockets(
-    config: &mut Config,
-    inherited: Option<&master::Inherited>,
-) -> Result<Vec<BoundSocket>, String> {
-    if let Some(inherited) = inherited {
-        // The master bound the sockets and removes their files; it also replaces this worker when asked.
-        config.server.vacuum = false;
-        config.server.max_requests = inherited.max_requests(&config.processes.recycle);
-        return inherited.sockets().map_err(|err| format!("cannot use the sockets from the master: {err}"));
-    }
+/// The listening sockets of a process that is not a worker: from systemd (socket activation), or bound here.
+fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, String> {
     match deploy::systemd_sockets() {
         Ok(Some(sockets)) => {
             // systemd owns these sockets and their files.
@@ -87,8 +87,12 @@ fn take_sockets(
         .collect()
 }
 
-/// One serving process: on its own, or as a worker of a master (`inherited`).
-fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::Inherited>) -> ExitCode {
+/// One serving process: on its own, or as a worker of a master (with its control channel and recorder).
+fn serve(
+    config: &Config,
+    sockets: Vec<BoundSocket>,
+    worker: Option<(master::Control, Recorder)>,
+) -> ExitCode {
     let socket_files: Vec<_> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
     let stop = |err: &dyn Display| {
         // The app never accepted on these sockets: leave no file behind for nginx to queue on.
@@ -105,8 +109,10 @@ fn serve(config: &Config, sockets: Vec<BoundSocket>, inherited: Option<master::I
         Ok(app) => app,
         Err(err) => return stop(&err),
     };
-    let recorder = inherited.as_ref().map_or(Recorder::disabled(), master::Inherited::recorder);
-    let control = inherited.map(|inherited| Arc::new(inherited.control()));
+    let (control, recorder) = match worker {
+        Some((control, recorder)) => (Some(Arc::new(control)), recorder),
+        None => (None, Recorder::disabled()),
+    };
     let on_harakiri: Box<dyn FnOnce() + Send> = match control.clone() {
         Some(control) => Box::new(move || control.harakiri()),
         None => Box::new(|| tracing::error!("no master to replace this process: it keeps running")),

@@ -31,6 +31,8 @@ use crate::server::{self, BoundSocket};
 
 /// Set in a worker's environment: its number, from 1 (apps may read it too).
 pub const WORKER_ID_ENV: &str = "OXWSGI_WORKER_ID";
+/// The master's pid, so a worker knows the other variables were meant for it (their parent set them).
+const MASTER_PID_ENV: &str = "OXWSGI_MASTER_PID";
 /// Set in a worker's environment: how many listening sockets it inherits, at descriptors 3, 4, ...
 const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
 /// Set in a worker's environment: the descriptor of its control socket to the master.
@@ -54,66 +56,86 @@ const HARAKIRI_GRACE: Duration = Duration::from_millis(500);
 /// After the graceful timeout, workers get this long for their own clean-up before SIGKILL.
 const KILL_AFTER_GRACE: Duration = Duration::from_secs(15);
 
-/// What a worker inherited from its master.
-#[derive(Debug, Clone, Copy)]
+/// What a worker inherited from its master. The descriptors are owned from the moment the variables
+/// naming them are read, so each has exactly one owner; [`Inherited::into_handoff`] hands them on.
+#[derive(Debug)]
 pub struct Inherited {
     pub worker_id: usize,
-    listen_fds: usize,
-    ready_fd: RawFd,
+    listeners: Vec<OwnedFd>,
+    control: OwnedFd,
     /// The metrics region's descriptor and this worker's cell in it.
-    metrics: Option<(RawFd, usize)>,
+    metrics: Option<(OwnedFd, usize)>,
+}
+
+/// A worker's inheritance, ready to use.
+pub struct Handoff {
+    /// The listening sockets, in the order the master holds them.
+    pub sockets: Vec<BoundSocket>,
+    /// The channel on which this worker reports to its master.
+    pub control: Control,
+    /// Where this worker counts its requests; disabled (and logged) if the region cannot be used.
+    pub recorder: Recorder,
 }
 
 impl Inherited {
-    /// `Some` in a worker started by a master. The descriptor variables are removed, so that programs the
-    /// app starts do not take the descriptors for theirs (the worker id stays: apps may read it).
-    pub fn from_env() -> Option<Self> {
-        let number = |name| std::env::var(name).ok()?.parse().ok();
-        let inherited = Some(Self {
-            worker_id: number(WORKER_ID_ENV)?,
-            listen_fds: number(LISTEN_FDS_ENV)?,
-            ready_fd: number(READY_FD_ENV).and_then(|fd: usize| RawFd::try_from(fd).ok())?,
-            metrics: number(METRICS_FD_ENV)
-                .and_then(|fd: usize| RawFd::try_from(fd).ok())
-                .zip(number(METRICS_CELL_ENV)),
-        });
-        for name in [LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV] {
+    /// `Some` in a worker started by a master; an error if the variables are there but name another
+    /// process than this one's parent as the master (as systemd's `LISTEN_PID` names its process), so
+    /// descriptors set up for another process are never taken. The descriptor variables are removed, so that
+    /// programs the app starts do not take the descriptors for theirs (the worker id stays: apps may read
+    /// it).
+    pub fn from_env() -> Result<Option<Self>, String> {
+        let number = |name| std::env::var(name).ok()?.parse::<usize>().ok();
+        let fd = |name| {
+            number(name).and_then(|fd| RawFd::try_from(fd).ok()).filter(|&fd| fd >= FIRST_INHERITED_FD)
+        };
+        let master = number(MASTER_PID_ENV);
+        let worker_id = number(WORKER_ID_ENV);
+        let listen_fds = number(LISTEN_FDS_ENV);
+        let control = fd(READY_FD_ENV);
+        let metrics = fd(METRICS_FD_ENV).zip(number(METRICS_CELL_ENV));
+        for name in [MASTER_PID_ENV, LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV] {
             // SAFETY: called at start-up, before any other thread exists.
             unsafe { std::env::remove_var(name) };
         }
-        inherited
+        let (Some(master), Some(worker_id), Some(listen_fds), Some(control)) =
+            (master, worker_id, listen_fds, control)
+        else {
+            return Ok(None);
+        };
+        // SAFETY: getppid has no preconditions.
+        let parent = usize::try_from(unsafe { libc::getppid() }).ok();
+        if parent != Some(master) {
+            return Err(format!(
+                "{LISTEN_FDS_ENV} and the other worker variables were set for a worker of process {master}, \
+                 not of this process's parent: unset them"
+            ));
+        }
+        let out_of_range = || format!("{LISTEN_FDS_ENV} is out of range");
+        let listen_fds = RawFd::try_from(listen_fds).map_err(|_| out_of_range())?;
+        let end = FIRST_INHERITED_FD.checked_add(listen_fds).ok_or_else(out_of_range)?;
+        // SAFETY (all three): our parent, the master, placed these descriptors for this process alone —
+        // the listening sockets at 3.., the control socket and the metrics region after them — and this
+        // process opened nothing there before reading them; each is taken once, here.
+        let listeners = (FIRST_INHERITED_FD..end).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        let control = unsafe { OwnedFd::from_raw_fd(control) };
+        let metrics = metrics.map(|(fd, cell)| (unsafe { OwnedFd::from_raw_fd(fd) }, cell));
+        Ok(Some(Self { worker_id, listeners: listeners.collect(), control, metrics }))
     }
 
-    /// The listening sockets, in the order the master holds them.
-    pub fn sockets(&self) -> io::Result<Vec<BoundSocket>> {
-        let count = RawFd::try_from(self.listen_fds).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: the master placed exactly these listening sockets at these descriptors, and this process
-        // opened nothing there before reading them.
-        (FIRST_INHERITED_FD..FIRST_INHERITED_FD + count)
-            .map(|fd| unsafe { crate::deploy::adopt(fd) })
-            .collect()
-    }
-
-    /// The channel on which this worker reports to its master. Call once.
-    pub fn control(&self) -> Control {
-        // SAFETY: the master put our end of the control socket at this descriptor; nothing else uses it.
+    /// Puts the descriptors to use. Fails if a listening socket is not one.
+    pub fn into_handoff(self) -> io::Result<Handoff> {
+        let sockets = self.listeners.into_iter().map(crate::deploy::adopt).collect::<io::Result<_>>()?;
+        let control = UnixStream::from(self.control);
         // Close-on-exec, so the app's subprocesses do not inherit it.
-        unsafe { libc::fcntl(self.ready_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        // SAFETY: as above.
-        Control(std::sync::Mutex::new(unsafe { UnixStream::from_raw_fd(self.ready_fd) }))
-    }
-
-    /// Where this worker counts its requests; disabled (and logged) if the region cannot be used.
-    pub fn recorder(&self) -> Recorder {
-        let Some((fd, cell)) = self.metrics else { return Recorder::disabled() };
-        // SAFETY: the master put the metrics region at this descriptor for us alone.
-        let recorder = unsafe { Region::inherit(fd) }.and_then(|region| Recorder::new(region, cell));
-        recorder.unwrap_or_else(|err| {
-            error!(
-                "cannot use the metrics region from the master: {err}; this worker's requests go uncounted"
-            );
-            Recorder::disabled()
-        })
+        socket2::SockRef::from(&control).set_cloexec(true)?;
+        let recorder = match self.metrics {
+            None => Recorder::disabled(),
+            Some((fd, cell)) => Region::inherit(fd).and_then(|region| Recorder::new(region, cell)).unwrap_or_else(|err| {
+                error!("cannot use the metrics region from the master: {err}; this worker's requests go uncounted");
+                Recorder::disabled()
+            }),
+        };
+        Ok(Handoff { sockets, control: Control(std::sync::Mutex::new(control)), recorder })
     }
 
     /// `--max-requests` plus this worker's share of the jitter, so workers started together do not all
@@ -748,6 +770,7 @@ impl<'a> Supervisor<'a> {
         command
             .arg0(std::env::args_os().next().unwrap_or_else(|| "oxwsgi".into()))
             .args(std::env::args_os().skip(1))
+            .env(MASTER_PID_ENV, std::process::id().to_string())
             .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
             .env(READY_FD_ENV, control_target.to_string())

@@ -252,3 +252,27 @@ fn a_second_sighup_during_a_reload_replaces_the_workers_still_starting() {
     assert!(log.matches("retired").count() >= 2, "{log}");
     assert_eq!(children(server.pid()).len(), 1, "{log}");
 }
+
+#[test]
+fn worker_variables_meant_for_another_process_are_refused() {
+    // The variables a master sets for its worker, but naming a process that is not this one's parent: the
+    // descriptors they name belong to someone else and must not be taken.
+    let dir = temp_dir();
+    let output = support::oxwsgi_command()
+        .args(["--socket", &dir.join("s.sock").display().to_string()])
+        .args(["--wsgi-file", &app_path("hello.py").display().to_string()])
+        .env("OXWSGI_MASTER_PID", "1")
+        .env("OXWSGI_WORKER_ID", "1")
+        .env("OXWSGI_LISTEN_FDS", "1")
+        .env("OXWSGI_READY_FD", "4")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run oxwsgi");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("oxwsgi: error: OXWSGI_LISTEN_FDS"), "{stderr}");
+    assert!(!dir.join("s.sock").exists(), "nothing was bound");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -6,7 +6,7 @@
 //! dead ([`Cells::release`]), then zeroes the cell for the next worker, so counters never go backwards.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -51,13 +51,9 @@ impl Region {
         Self::map(fd, len)
     }
 
-    /// Maps the region a master created, from its inherited descriptor.
-    ///
-    /// # Safety
-    /// `fd` must be a region descriptor from [`Region::create`] that nothing else in this process owns.
-    pub unsafe fn inherit(fd: RawFd) -> io::Result<Self> {
-        // SAFETY: the caller hands us the descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    /// Maps the region a master created, from its inherited descriptor (checked: its size must be whole
+    /// cells).
+    pub fn inherit(fd: OwnedFd) -> io::Result<Self> {
         // SAFETY: fstat fills the struct it is given.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above; `stat` is a valid out-pointer.
@@ -358,17 +354,13 @@ mod tests {
     #[test]
     fn an_inherited_region_shares_the_cells() {
         let region = Region::create(3).unwrap();
-        // SAFETY: a fresh duplicate, owned by nothing else.
-        let copy = unsafe { libc::dup(region.fd().as_raw_fd()) };
-        // SAFETY: `copy` is a region descriptor nothing else owns.
-        let worker = Recorder::new(unsafe { Region::inherit(copy) }.unwrap(), 2).unwrap();
+        let copy = region.fd().try_clone_to_owned().unwrap();
+        let worker = Recorder::new(Region::inherit(copy).unwrap(), 2).unwrap();
         worker.protocol_error(ProtocolErrorKind::PlainHttp);
         let seen = region.cell(2).unwrap().counters.protocol_errors[ProtocolErrorKind::PlainHttp as usize]
             .load(Ordering::Relaxed);
         assert_eq!(seen, 1);
-        // SAFETY: as above.
-        let copy = unsafe { libc::dup(region.fd().as_raw_fd()) };
-        // SAFETY: as above.
-        assert!(Recorder::new(unsafe { Region::inherit(copy) }.unwrap(), 3).is_err());
+        let copy = region.fd().try_clone_to_owned().unwrap();
+        assert!(Recorder::new(Region::inherit(copy).unwrap(), 3).is_err());
     }
 }

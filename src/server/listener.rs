@@ -5,7 +5,7 @@
 //! ([`super::front`]).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
@@ -21,13 +21,10 @@ pub struct BoundSocket {
 }
 
 impl BoundSocket {
-    /// A listening socket handed down by the process that bound it (the master), at file descriptor `fd`.
-    ///
-    /// # Safety
-    /// `fd` must be an open listening socket of the kind `spec` names, owned by no one else in this process.
-    pub unsafe fn inherited(fd: RawFd, spec: SocketSpec) -> io::Result<Self> {
-        // SAFETY: the caller guarantees `fd` is an open socket that nothing else owns.
-        let socket = unsafe { Socket::from_raw_fd(fd) };
+    /// A listening socket handed down by the process that bound it (the master, or systemd), listening
+    /// where `spec` says.
+    pub fn inherited(socket: OwnedFd, spec: SocketSpec) -> io::Result<Self> {
+        let socket = Socket::from(socket);
         socket.set_nonblocking(true)?;
         socket.set_cloexec(true)?;
         if matches!(spec, SocketSpec::Tcp(_)) {
