@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use oxwsgi_proto::Limits;
+use serde::{Deserialize, Serialize};
 
 use crate::deploy::{self, Owner};
 
@@ -171,7 +172,7 @@ pub struct Cli {
 }
 
 /// Everything the process needs, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub sockets: Vec<SocketSpec>,
     pub app: AppSpec,
@@ -185,7 +186,7 @@ pub struct Config {
 }
 
 /// Where the master serves what the workers count (each `None` is off; with both off workers count nothing).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsConfig {
     /// Prometheus `/metrics` over HTTP.
     pub prometheus: Option<SocketAddr>,
@@ -201,7 +202,7 @@ impl MetricsConfig {
 }
 
 /// How many processes, whether a master supervises them, and when it replaces them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq, Copy, Serialize, Deserialize)]
 pub struct ProcessConfig {
     pub workers: NonZeroUsize,
     pub master: bool,
@@ -209,7 +210,7 @@ pub struct ProcessConfig {
 }
 
 /// When a worker is retired and replaced (each `None` is off).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecycleConfig {
     pub max_requests: Option<NonZeroU64>,
     pub max_requests_jitter: u64,
@@ -225,7 +226,7 @@ impl RecycleConfig {
 }
 
 /// Where to listen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SocketSpec {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -241,7 +242,7 @@ impl fmt::Display for SocketSpec {
 }
 
 /// Which Python object to serve, and how to make it importable.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
     pub source: AppSource,
     pub callable: String,
@@ -250,7 +251,7 @@ pub struct AppSpec {
     pub virtualenv: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppSource {
     Module(String),
     File(PathBuf),
@@ -265,7 +266,7 @@ impl fmt::Display for AppSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq, Copy, Serialize, Deserialize)]
 pub struct PoolConfig {
     pub threads: NonZeroUsize,
     /// A request running longer has its worker replaced.
@@ -274,9 +275,18 @@ pub struct PoolConfig {
     pub multiprocess: bool,
 }
 
+/// [`Limits`] as the master hands it to its workers (the protocol crate knows nothing of serde).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Limits")]
+struct LimitsDef {
+    max_datasize: u16,
+    max_vars: usize,
+}
+
 /// What the connection handling needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq, Copy, Serialize, Deserialize)]
 pub struct ServerConfig {
+    #[serde(with = "LimitsDef")]
     pub limits: Limits,
     /// Largest accepted `CONTENT_LENGTH`; `None` means unlimited.
     pub limit_post: Option<u64>,
@@ -467,6 +477,60 @@ mod tests {
         let mut argv = vec!["oxwsgi"];
         argv.extend_from_slice(args);
         Config::try_from(Cli::try_parse_from(argv).expect("arguments parse"))
+    }
+
+    #[test]
+    fn a_config_reaches_the_workers_whole() {
+        let given = config(&[
+            "--socket",
+            "127.0.0.1:3031",
+            "--socket",
+            "/tmp/a.sock",
+            "--module",
+            "app:make()",
+            "--chdir",
+            "/srv",
+            "--pythonpath",
+            "/srv/lib",
+            "--virtualenv",
+            "/srv/venv",
+            "--processes",
+            "3",
+            "--threads",
+            "4",
+            "--harakiri",
+            "30",
+            "--max-requests",
+            "1000",
+            "--max-requests-delta",
+            "50",
+            "--reload-on-rss",
+            "512",
+            "--max-worker-lifetime",
+            "3600",
+            "--buffer-size",
+            "32768",
+            "--limit-post",
+            "1048576",
+            "--socket-timeout",
+            "7",
+            "--listen",
+            "256",
+            "--chmod-socket",
+            "660",
+            "--disable-logging",
+            "--pidfile",
+            "/tmp/o.pid",
+            "--metrics",
+            "127.0.0.1:9100",
+            "--stats",
+            "/tmp/stats.sock",
+            "--stats-http",
+        ])
+        .unwrap();
+        let json = serde_json::to_string(&given).unwrap();
+        let taken: Config = serde_json::from_str(&json).unwrap();
+        assert_eq!(taken, given);
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl Drop for Pidfile {
 }
 
 /// A user and group, resolved from names or numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Owner {
     pub uid: Option<libc::uid_t>,
     pub gid: Option<libc::gid_t>,

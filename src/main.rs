@@ -21,15 +21,20 @@ use tracing_subscriber::EnvFilter;
 const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let mut config = match Config::try_from(Cli::parse()) {
-        Ok(config) => config,
-        Err(err) => return fail(err),
-    };
-    init_logging();
     let inherited = match master::Inherited::from_env() {
         Ok(inherited) => inherited,
         Err(err) => return fail(err),
     };
+    // A worker takes its master's config; only a process started by hand reads the command line.
+    let config = match &inherited {
+        Some(inherited) => Ok(inherited.config.clone()),
+        None => Config::try_from(Cli::parse()),
+    };
+    let mut config = match config {
+        Ok(config) => config,
+        Err(err) => return fail(err),
+    };
+    init_logging();
     if let Some(inherited) = inherited {
         // The master bound the sockets and removes their files; it also replaces this worker when asked.
         config.server.vacuum = false;

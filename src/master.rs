@@ -33,6 +33,9 @@ use crate::server::{self, BoundSocket};
 pub const WORKER_ID_ENV: &str = "OXWSGI_WORKER_ID";
 /// The master's pid, so a worker knows the other variables were meant for it (their parent set them).
 const MASTER_PID_ENV: &str = "OXWSGI_MASTER_PID";
+/// The master's validated config, as JSON: a worker never parses the command line again, so it cannot
+/// disagree with its master about an option (nor fail on one the master accepted).
+const CONFIG_ENV: &str = "OXWSGI_CONFIG";
 /// Set in a worker's environment: how many listening sockets it inherits, at descriptors 3, 4, ...
 const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
 /// Set in a worker's environment: the descriptor of its control socket to the master.
@@ -61,6 +64,8 @@ const KILL_AFTER_GRACE: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct Inherited {
     pub worker_id: usize,
+    /// The master's config.
+    pub config: Config,
     listeners: Vec<OwnedFd>,
     control: OwnedFd,
     /// The metrics region's descriptor and this worker's cell in it.
@@ -93,7 +98,10 @@ impl Inherited {
         let listen_fds = number(LISTEN_FDS_ENV);
         let control = fd(READY_FD_ENV);
         let metrics = fd(METRICS_FD_ENV).zip(number(METRICS_CELL_ENV));
-        for name in [MASTER_PID_ENV, LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV] {
+        let config = std::env::var(CONFIG_ENV).ok();
+        for name in
+            [MASTER_PID_ENV, CONFIG_ENV, LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV]
+        {
             // SAFETY: called at start-up, before any other thread exists.
             unsafe { std::env::remove_var(name) };
         }
@@ -110,6 +118,10 @@ impl Inherited {
                  not of this process's parent: unset them"
             ));
         }
+        let config =
+            config.ok_or_else(|| format!("{CONFIG_ENV} is missing: the master passes its config"))?;
+        let config: Config = serde_json::from_str(&config)
+            .map_err(|err| format!("{CONFIG_ENV} is not a config this version can read: {err}"))?;
         let out_of_range = || format!("{LISTEN_FDS_ENV} is out of range");
         let listen_fds = RawFd::try_from(listen_fds).map_err(|_| out_of_range())?;
         let end = FIRST_INHERITED_FD.checked_add(listen_fds).ok_or_else(out_of_range)?;
@@ -119,7 +131,7 @@ impl Inherited {
         let listeners = (FIRST_INHERITED_FD..end).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         let control = unsafe { OwnedFd::from_raw_fd(control) };
         let metrics = metrics.map(|(fd, cell)| (unsafe { OwnedFd::from_raw_fd(fd) }, cell));
-        Ok(Some(Self { worker_id, listeners: listeners.collect(), control, metrics }))
+        Ok(Some(Self { worker_id, config, listeners: listeners.collect(), control, metrics }))
     }
 
     /// Puts the descriptors to use. Fails if a listening socket is not one.
@@ -232,7 +244,9 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
     } else {
         None
     };
-    let supervisor = Supervisor::new(config, handoff, socket_files.clone(), socket_names, books);
+    let config_json = serde_json::to_string(config)
+        .map_err(|err| MasterError(format!("cannot pass the config to the workers: {err}")))?;
+    let supervisor = Supervisor::new(config, config_json, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
         server::remove_socket_files(&socket_files);
@@ -343,6 +357,8 @@ const EVENT_QUEUE: usize = 64;
 
 struct Supervisor<'a> {
     config: &'a Config,
+    /// `config` as the workers get it ([`CONFIG_ENV`]).
+    config_json: String,
     /// The listening sockets, at descriptors above those the workers receive them at.
     handoff: Vec<OwnedFd>,
     socket_files: Vec<PathBuf>,
@@ -372,6 +388,7 @@ struct Supervisor<'a> {
 impl<'a> Supervisor<'a> {
     fn new(
         config: &'a Config,
+        config_json: String,
         handoff: Vec<OwnedFd>,
         socket_files: Vec<PathBuf>,
         socket_names: Vec<String>,
@@ -382,6 +399,7 @@ impl<'a> Supervisor<'a> {
         let backoff = RESPAWN_BACKOFF_MIN;
         Self {
             config,
+            config_json,
             handoff,
             socket_files,
             listen_queue_warned: vec![None; socket_names.len()],
@@ -771,6 +789,7 @@ impl<'a> Supervisor<'a> {
             .arg0(std::env::args_os().next().unwrap_or_else(|| "oxwsgi".into()))
             .args(std::env::args_os().skip(1))
             .env(MASTER_PID_ENV, std::process::id().to_string())
+            .env(CONFIG_ENV, &self.config_json)
             .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
             .env(READY_FD_ENV, control_target.to_string())
