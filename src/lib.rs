@@ -2,12 +2,15 @@
 //! (`uwsgi_pass`).
 //!
 //! # Layout
-//! - [`config`]: command-line options, validated once into typed config.
-//! - [`deploy`]: systemd socket activation and notification, pidfile, socket owner, privilege drop.
+//! - [`config`]: command-line options, validated once into typed config (users and groups resolved in
+//!   [`config::owner`]).
+//! - [`deploy`]: what running under an init system needs at run time: systemd notification, pidfile,
+//!   privilege drop, limits.
 //! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them.
 //! - [`metrics`]: what workers count in shared memory, and the master's `/metrics` and `--stats`.
-//! - [`server`]: sockets — the serving threads' accept and read, the response out, and the tokio runtime
-//!   for connections that wait. No pyo3.
+//! - [`server`]: sockets — binding or adopting them (systemd, the master), the serving threads' accept and
+//!   read, the response out, and the tokio runtime for connections that wait. No pyo3.
+//! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads that serve requests
 //!   through [`server`]. The only pyo3 user.
 //! - [`response`]: validating and encoding the response head (pure).
@@ -19,4 +22,5 @@ pub mod master;
 pub mod metrics;
 pub mod response;
 pub mod server;
+pub mod socket_file;
 pub mod wsgi;

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 /// The listening sockets of a process that is not a worker: from systemd (socket activation), or bound here.
 fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, String> {
-    match deploy::systemd_sockets() {
+    match server::systemd_sockets() {
         Ok(Some(sockets)) => {
             // systemd owns these sockets and their files.
             config.server.vacuum = false;
@@ -102,7 +102,7 @@ fn serve(
     let stop = |err: &dyn Display| {
         // The app never accepted on these sockets: leave no file behind for nginx to queue on.
         if config.server.vacuum {
-            server::remove_socket_files(&socket_files);
+            oxwsgi::socket_file::remove_socket_files(&socket_files);
         }
         fail(err)
     };

@@ -136,7 +136,7 @@ impl Inherited {
 
     /// Puts the descriptors to use. Fails if a listening socket is not one.
     pub fn into_handoff(self) -> io::Result<Handoff> {
-        let sockets = self.listeners.into_iter().map(crate::deploy::adopt).collect::<io::Result<_>>()?;
+        let sockets = self.listeners.into_iter().map(server::adopt).collect::<io::Result<_>>()?;
         let control = UnixStream::from(self.control);
         // Close-on-exec, so the app's subprocesses do not inherit it.
         socket2::SockRef::from(&control).set_cloexec(true)?;
@@ -249,7 +249,7 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
     let supervisor = Supervisor::new(config, config_json, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
-        server::remove_socket_files(&socket_files);
+        crate::socket_file::remove_socket_files(&socket_files);
     }
     result
 }
@@ -461,7 +461,7 @@ impl<'a> Supervisor<'a> {
         crate::deploy::notify("STOPPING=1");
         // First the socket files, so nothing new queues while the workers drain the queues.
         if self.config.server.vacuum {
-            server::remove_socket_files(&self.socket_files);
+            crate::socket_file::remove_socket_files(&self.socket_files);
         }
         self.signal_all(libc::SIGTERM);
         // The sockets close once the last worker stops accepting: a late client is refused at once (and

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::exposition::CONTENT_TYPE;
 use crate::config::SocketSpec;
-use crate::server::remove_stale_socket;
+use crate::socket_file::remove_stale_socket;
 
 /// A scraper gets this long to send its request head and to read the answer; a stuck one must not keep a
 /// task and a descriptor for ever.

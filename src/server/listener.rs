@@ -1,17 +1,20 @@
-//! Listening sockets: binding them (socket2: backlog, address reuse, Unix socket file handling).
+//! Listening sockets: binding them (socket2: backlog, address reuse, Unix socket file handling), or taking
+//! them from whoever bound them (systemd socket activation, or the master for its workers).
 //!
 //! Binding happens before anything else starts and yields plain non-blocking sockets, so a master process
 //! binds once and hands the same sockets to its workers; the serving threads accept on them
 //! ([`super::front`]).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{ServerConfig, SocketSpec};
+
+/// systemd passes activated sockets from this descriptor on (`SD_LISTEN_FDS_START`).
+const SD_LISTEN_FDS_START: RawFd = 3;
 
 /// A bound, listening socket, not yet registered with a runtime.
 #[derive(Debug)]
@@ -71,14 +74,15 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
             socket
         }
         SocketSpec::Unix(path) => {
-            remove_stale_socket(path)?;
+            crate::socket_file::remove_stale_socket(path)?;
             let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
             socket.bind(&SockAddr::unix(path)?)?;
             if let Some(mode) = config.chmod_socket {
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
             }
             if let Some(owner) = config.chown_socket {
-                crate::deploy::chown(path, owner)?;
+                // So nginx's user can connect.
+                std::os::unix::fs::chown(path, owner.uid, owner.gid)?;
             }
             socket.listen(backlog)?;
             socket
@@ -89,17 +93,41 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
     Ok(BoundSocket { spec: spec.clone(), socket })
 }
 
-/// Makes way for a Unix socket at `path`: a socket file nobody accepts on (left by a dead process) is
-/// removed; a live one, or a path that is not a socket, is an error.
-pub(crate) fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the path exists and is not a socket"));
+/// The sockets systemd passed (`LISTEN_FDS`, for this process per `LISTEN_PID`), if any. The variables
+/// are removed, so that processes this one starts do not take the sockets for theirs.
+pub fn systemd_sockets() -> io::Result<Option<Vec<BoundSocket>>> {
+    let for_us =
+        std::env::var("LISTEN_PID").ok().and_then(|pid| pid.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<RawFd>().ok());
+    // SAFETY (both): removing variables while no other thread runs (this is called at start-up).
+    for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        unsafe { std::env::remove_var(name) };
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server is listening on this socket"));
+    let (true, Some(count)) = (for_us, count) else { return Ok(None) };
+    (SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + count)
+        // SAFETY: systemd hands this process (LISTEN_PID said so) descriptors 3..3+LISTEN_FDS, which
+        // nothing else here owns, and each is taken once.
+        .map(|fd| adopt(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .collect::<io::Result<_>>()
+        .map(Some)
+}
+
+/// A listening socket handed to this process, whose address says where it listens.
+pub fn adopt(socket: OwnedFd) -> io::Result<BoundSocket> {
+    let spec = spec_of(socket.as_fd())?;
+    BoundSocket::inherited(socket, spec)
+}
+
+fn spec_of(socket: BorrowedFd<'_>) -> io::Result<SocketSpec> {
+    let address = socket2::SockRef::from(&socket).local_addr()?;
+    if let Some(address) = address.as_socket() {
+        return Ok(SocketSpec::Tcp(address));
     }
-    std::fs::remove_file(path)
+    match address.as_pathname() {
+        Some(path) => Ok(SocketSpec::Unix(path.to_path_buf())),
+        None => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an activated socket is neither TCP nor a Unix path",
+        )),
+    }
 }

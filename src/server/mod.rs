@@ -15,14 +15,12 @@ mod waiting;
 
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
 
 use tracing::{info, warn};
 
 pub use conn::Kind;
 pub use front::{Acceptor, Front, Job, Request};
-pub(crate) use listener::remove_stale_socket;
-pub use listener::{bind, BoundSocket};
+pub use listener::{adopt, bind, systemd_sockets, BoundSocket};
 pub use request::{Body, ListenerInfo, RequestHead, RequestLine};
 pub use responder::{ClientGone, Responder};
 
@@ -38,7 +36,7 @@ pub async fn run(front: &Front, shutdown: impl Future<Output = ()>, ready: impl 
     // The socket file goes first, so no new connection can queue while the queue is drained: every
     // connection nginx managed to make is served, none is reset when the socket closes.
     if front.config.vacuum {
-        remove_socket_files(&front.socket_files());
+        crate::socket_file::remove_socket_files(&front.socket_files());
     }
     front.stop_accepting();
     // One deadline for both: taking what is queued (which waits for free threads) and finishing it.
@@ -47,17 +45,4 @@ pub async fn run(front: &Front, shutdown: impl Future<Output = ()>, ready: impl 
         warn!("{} requests still running after {grace:?}; stopping anyway", front.in_progress());
     }
     Ok(())
-}
-
-/// Removes Unix socket files at exit (uWSGI's `--vacuum`), so nginx gets "no such file" rather than
-/// "connection refused" and a restart finds a clean path.
-pub fn remove_socket_files(paths: &[PathBuf]) {
-    for path in paths {
-        match std::fs::remove_file(path) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => {
-                warn!("cannot remove socket file {}: {err}", path.display());
-            }
-            _ => {}
-        }
-    }
 }

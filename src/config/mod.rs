@@ -14,7 +14,9 @@ use clap::Parser;
 use oxwsgi_proto::Limits;
 use serde::{Deserialize, Serialize};
 
-use crate::deploy::{self, Owner};
+pub mod owner;
+
+use owner::Owner;
 
 /// nginx refuses to send a vars block over 65535 bytes (the u16 `datasize`), so accepting anything smaller by
 /// default only turns long cookies into 502s (uWSGI's 4096 default is the classic cause).
@@ -341,20 +343,20 @@ impl TryFrom<Cli> for Config {
             .chown_socket
             .as_deref()
             .map(|owner| {
-                deploy::parse_owner(owner).map_err(|e| ConfigError(format!("--chown-socket {owner}: {e}")))
+                owner::parse_owner(owner).map_err(|e| ConfigError(format!("--chown-socket {owner}: {e}")))
             })
             .transpose()?;
         let run_as = Owner {
             uid: cli
                 .uid
                 .as_deref()
-                .map(deploy::resolve_user)
+                .map(owner::resolve_user)
                 .transpose()
                 .map_err(|e| ConfigError(format!("--uid: {e}")))?,
             gid: cli
                 .gid
                 .as_deref()
-                .map(deploy::resolve_group)
+                .map(owner::resolve_group)
                 .transpose()
                 .map_err(|e| ConfigError(format!("--gid: {e}")))?,
         };
