@@ -8,6 +8,8 @@ use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::unistd::{self, Gid, Uid};
 use tracing::{info, warn};
 
 use crate::config::owner::{primary_group, Owner};
@@ -61,18 +63,16 @@ pub fn drop_privileges(owner: Owner) -> io::Result<()> {
     if owner.uid.is_none() && gid.is_none() {
         return Ok(());
     }
-    // SAFETY: setgroups with an empty list; it fails with EPERM only when not root, and then there is
-    // nothing to clear.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0
-        && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
-    {
-        return Err(io::Error::last_os_error());
+    // Fails with EPERM only when not root, and then there is nothing to clear.
+    match unistd::setgroups(&[]) {
+        Ok(()) | Err(Errno::EPERM) => {}
+        Err(err) => return Err(err.into()),
     }
-    // SAFETY (both): plain system calls.
-    if gid.is_some_and(|gid| unsafe { libc::setgid(gid) } != 0)
-        || owner.uid.is_some_and(|uid| unsafe { libc::setuid(uid) } != 0)
-    {
-        return Err(io::Error::last_os_error());
+    if let Some(gid) = gid {
+        unistd::setgid(Gid::from_raw(gid))?;
+    }
+    if let Some(uid) = owner.uid {
+        unistd::setuid(Uid::from_raw(uid))?;
     }
     info!("running as uid {:?}, gid {gid:?}", owner.uid);
     Ok(())

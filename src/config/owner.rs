@@ -1,7 +1,8 @@
 //! Users and groups, as the config names them (`--uid`, `--gid`, `--chown-socket`): resolved once, at
-//! start-up, from names or numbers through the system's user database.
+//! start-up, from names or numbers through the system's user database (nix's reentrant `getpwnam_r` and
+//! friends).
 
-use std::ffi::CString;
+use nix::unistd::{Group, Uid, User};
 
 /// A user and group, resolved from names or numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -18,40 +19,34 @@ pub fn parse_owner(text: &str) -> Result<Owner, String> {
     Ok(Owner { uid, gid })
 }
 
+/// A user by name or number (`--uid`, the user of `--chown-socket`).
 pub fn resolve_user(name: &str) -> Result<libc::uid_t, String> {
     if let Ok(uid) = name.parse() {
         return Ok(uid);
     }
-    let c_name = CString::new(name).map_err(|_| format!("no such user: {name:?}"))?;
-    // SAFETY: getpwnam with a NUL-terminated name; the result is read at once, before any other call.
-    let entry = unsafe { libc::getpwnam(c_name.as_ptr()) };
-    if entry.is_null() {
-        return Err(format!("no such user: {name:?}"));
+    match User::from_name(name) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        Ok(None) => Err(format!("no such user: {name:?}")),
+        Err(err) => Err(format!("cannot look up user {name:?}: {err}")),
     }
-    // SAFETY: non-null result of getpwnam.
-    Ok(unsafe { (*entry).pw_uid })
 }
 
+/// A group by name or number (`--gid`, the group of `--chown-socket`).
 pub fn resolve_group(name: &str) -> Result<libc::gid_t, String> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
-    let c_name = CString::new(name).map_err(|_| format!("no such group: {name:?}"))?;
-    // SAFETY: getgrnam with a NUL-terminated name; the result is read at once, before any other call.
-    let entry = unsafe { libc::getgrnam(c_name.as_ptr()) };
-    if entry.is_null() {
-        return Err(format!("no such group: {name:?}"));
+    match Group::from_name(name) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no such group: {name:?}")),
+        Err(err) => Err(format!("cannot look up group {name:?}: {err}")),
     }
-    // SAFETY: non-null result of getgrnam.
-    Ok(unsafe { (*entry).gr_gid })
 }
 
 /// The primary group of user `uid`, from the password database.
 pub(crate) fn primary_group(uid: libc::uid_t) -> Option<libc::gid_t> {
-    // SAFETY: getpwuid; the result is read at once, before any other call.
-    let entry = unsafe { libc::getpwuid(uid) };
-    // SAFETY: non-null result of getpwuid.
-    (!entry.is_null()).then(|| unsafe { (*entry).pw_gid })
+    let user = User::from_uid(Uid::from_raw(uid)).ok()??;
+    Some(user.gid.as_raw())
 }
 
 #[cfg(test)]
