@@ -13,14 +13,14 @@
 //! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads that serve requests
 //!   through [`server`]. The only pyo3 user.
-//! - [`response`]: validating and encoding the response head (pure).
+//! - [`http_head`]: validating and encoding the HTTP response head (pure).
 //! - The wire format itself lives in the `oxwsgi-proto` crate (pure, no I/O).
 
 pub mod config;
 pub mod deploy;
+pub mod http_head;
 pub mod master;
 pub mod metrics;
-pub mod response;
 pub mod server;
 pub mod socket_file;
 pub mod wsgi;

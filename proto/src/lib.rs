@@ -14,7 +14,7 @@
 //! - `vars`: the key/value record grammar and the borrowed [`Vars`] view.
 //! - `error`: [`ProtocolError`].
 //! - this file: [`Limits`], [`parse_packet`] (and [`parse_packet_each`]), [`encode_packet`],
-//!   [`looks_like_http`].
+//!   [`looks_like_http`], [`parse_decimal`] (for `CONTENT_LENGTH`).
 
 pub mod error;
 pub mod header;
@@ -23,6 +23,15 @@ pub mod vars;
 pub use error::ProtocolError;
 pub use header::{parse_header, pong, Header, HEADER_LEN, MODIFIER2_PONG, MODIFIER_PING, MODIFIER_WSGI};
 pub use vars::{parse_vars, parse_vars_each, Vars, VarsIter};
+
+/// A `CONTENT_LENGTH` value (or an HTTP `Content-Length`): a plain non-negative decimal, with no sign,
+/// no spaces and no hex, that fits a `u64`.
+pub fn parse_decimal(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    text.iter().try_fold(0u64, |acc, d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
 
 /// Default for [`Limits::max_datasize`]: the largest block nginx will ever send. nginx itself
 /// refuses to build a bigger packet (`uwsgi request is too big`, answered 500), so this accepts
@@ -163,7 +172,21 @@ pub fn looks_like_http(input: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{encode_packet, looks_like_http, parse_packet, Header, Limits, ProtocolError, HEADER_LEN};
+    use super::{
+        encode_packet, looks_like_http, parse_decimal, parse_packet, Header, Limits, ProtocolError,
+        HEADER_LEN,
+    };
+
+    #[test]
+    fn decimals_are_plain_and_fit_u64() {
+        assert_eq!(parse_decimal(b"0"), Some(0));
+        assert_eq!(parse_decimal(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_decimal(b"18446744073709551616"), None);
+        assert_eq!(parse_decimal(b""), None);
+        assert_eq!(parse_decimal(b"-1"), None);
+        assert_eq!(parse_decimal(b" 1"), None);
+        assert_eq!(parse_decimal(b"0x10"), None);
+    }
 
     const SMALL: Limits = Limits { max_datasize: 64, max_vars: 4 };
 

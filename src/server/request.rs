@@ -14,7 +14,7 @@ use oxwsgi_proto::{parse_packet_each, Limits, ProtocolError, HEADER_LEN, MODIFIE
 
 use super::conn::Conn;
 use crate::metrics::layout::Method;
-use crate::response::parse_decimal;
+use oxwsgi_proto::parse_decimal;
 
 /// Bodies up to this size are read into memory by the I/O runtime before the app starts, when they did not
 /// come whole with the packet, so a slow or stalled peer never holds a Python thread for them. Nearly every

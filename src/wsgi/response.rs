@@ -16,7 +16,7 @@ use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use super::streams::{FileWrapper, Input};
-use crate::response::{Head, INTERNAL_ERROR};
+use crate::http_head::{Head, INTERNAL_ERROR};
 use crate::server::{ClientGone, Front, Responder};
 
 /// Chunks up to this size are copied; larger ones are written straight from the Python `bytes` object,
