@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use oxwsgi::metrics::layout::Method;
+use oxwsgi::metrics::model::Method;
 use oxwsgi::metrics::{Recorder, Region, RequestDone};
 
 /// Requests per timed batch: long enough that the clock's resolution does not matter.

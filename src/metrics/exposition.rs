@@ -6,7 +6,8 @@ use prometheus::proto::{
 };
 use prometheus::{Encoder, TextEncoder};
 
-use super::layout::{Counters, Histogram, ProtocolErrorKind};
+use super::layout::{Counters, Histogram};
+use super::model::ProtocolErrorKind;
 
 /// Every metric's name starts with this.
 const PREFIX: &str = "oxwsgi_";
@@ -317,7 +318,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::layout::{self, Method, WorkerCell, FIRST_STATUS};
+    use crate::metrics::layout::{self, WorkerCell, FIRST_STATUS};
+    use crate::metrics::model::Method;
 
     fn sample() -> Box<Counters<u64>> {
         let live = layout::zeroed::<WorkerCell<AtomicU64>>();

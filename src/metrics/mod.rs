@@ -2,7 +2,8 @@
 //! when scraped and serves them as Prometheus metrics (`--metrics`) and as uWSGI's stats document
 //! (`--stats`). No pyo3 and no per-request I/O here.
 //!
-//! - [`layout`]: what a worker counts, as plain words (the cell), and the label sets.
+//! - [`model`]: the label sets (method, protocol error kind).
+//! - [`layout`]: what a worker counts, as plain words (the cell).
 //! - [`region`]: the shared memory itself, the worker's [`Recorder`] and the master's [`Cells`].
 //! - [`exposition`]: the Prometheus text document (pure).
 //! - [`stats`]: the uWSGI stats JSON document (pure).
@@ -15,6 +16,7 @@ pub mod endpoint;
 pub mod exposition;
 pub mod layout;
 pub mod listen_queue;
+pub mod model;
 pub mod region;
 pub mod stats;
 

@@ -11,7 +11,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::layout::{self, Counters, Method, ProtocolErrorKind, WorkerCell, TRACKED_THREADS};
+use super::layout::{self, Counters, WorkerCell, TRACKED_THREADS};
+use super::model::{Method, ProtocolErrorKind};
 
 /// Cells per `--processes`: a worker and its replacement overlap during a reload or a recycle, and a
 /// harakiri'd worker still holds its cell while its replacement starts (and may itself be reloaded). A

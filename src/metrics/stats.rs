@@ -143,7 +143,8 @@ fn worker(worker: &WorkerView) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::layout::{self, Method, FIRST_STATUS};
+    use crate::metrics::layout::{self, FIRST_STATUS};
+    use crate::metrics::model::Method;
 
     #[test]
     fn has_uwsgis_keys_in_uwsgis_order() {

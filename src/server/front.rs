@@ -30,7 +30,7 @@ use super::listener::BoundSocket;
 use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
 use super::responder::{Record, Responder};
 use crate::config::{ServerConfig, SocketSpec};
-use crate::metrics::layout::ProtocolErrorKind;
+use crate::metrics::model::ProtocolErrorKind;
 use crate::metrics::region::InFlight;
 use crate::metrics::Recorder;
 

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use oxwsgi_proto::{parse_packet_each, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
 
 use super::conn::Conn;
-use crate::metrics::layout::Method;
+use crate::metrics::model::Method;
 use oxwsgi_proto::parse_decimal;
 
 /// Bodies up to this size are read into memory by the I/O runtime before the app starts, when they did not

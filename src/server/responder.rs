@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 use super::conn::Conn;
 use super::front::Front;
 use super::request::RequestLine;
-use crate::metrics::layout::Method;
+use crate::metrics::model::Method;
 use crate::metrics::region::InFlight;
 use crate::metrics::RequestDone;
 

@@ -22,7 +22,7 @@ use super::conn::{sendfile, Conn, TokioStream};
 use super::front::{Arrival, Front};
 use super::request::{frame, Body, Framing, FramingError, BUFFERED_BODY_MAX};
 use super::responder::{advance, End, Part, Record, DRAIN_READ_SIZE, MAX_DRAIN_BYTES, MAX_IOVECS};
-use crate::metrics::layout::ProtocolErrorKind;
+use crate::metrics::model::ProtocolErrorKind;
 
 /// Read-ahead for a connection that arrives here before its request: nginx's packets for ordinary requests
 /// are 1-3 KiB, so one read takes the header, the vars and a small body together.
