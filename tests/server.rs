@@ -216,15 +216,27 @@ fn silent_client_times_out_without_reply() {
     assert_still_serving(&server);
 }
 
+/// A server that traces how much of a request has arrived, each time more does.
+fn tracing_arrivals() -> Server {
+    Server::builder().env("OXWSGI_LOG", "info,oxwsgi::server::arrival=trace").start()
+}
+
+/// Writes `piece` and waits until the server has read everything up to `total` bytes: each piece is read
+/// on its own, however the kernel would have merged the writes.
+fn write_and_wait_read(server: &Server, conn: &mut support::Conn, piece: &[u8], total: usize) {
+    conn.write_all(piece).unwrap();
+    conn.flush().unwrap();
+    server.wait_log(&format!("request arriving received={total}\n"));
+}
+
 #[test]
 fn packet_split_across_writes_is_reassembled() {
-    let server = Server::start(&[]);
+    let server = tracing_arrivals();
     let request = RequestBuilder::post("/echo", b"split body bytes").encode();
     let mut conn = server.connect();
-    for piece in [&request[..1], &request[1..3], &request[3..20], &request[20..request.len() - 4]] {
-        conn.write_all(piece).unwrap();
-        conn.flush().unwrap();
-        thread::sleep(Duration::from_millis(5));
+    let cuts = [0, 1, 3, 20, request.len() - 4];
+    for piece in cuts.windows(2) {
+        write_and_wait_read(&server, &mut conn, &request[piece[0]..piece[1]], piece[1]);
     }
     conn.write_all(&request[request.len() - 4..]).unwrap();
     let response = Response::parse(conn.read_to_end_result().expect("a response")).expect("HTTP");
@@ -519,7 +531,7 @@ fn input_lines_are_bounded_and_lose_nothing() {
 
 #[test]
 fn input_stops_at_content_length() {
-    let server = Server::start(&[]);
+    let server = tracing_arrivals();
     let report = report_of(&server, &RequestBuilder::post("/read-past?n=100", b"hello"));
     assert_eq!(report.get("first"), "b'hello'");
     assert_eq!(report.get("second"), "b''");
@@ -527,9 +539,8 @@ fn input_stops_at_content_length() {
     // A body that arrives after the packet, in a later write, is waited for.
     let request = RequestBuilder::post("/read-past?n=5", b"later");
     let mut conn = server.connect();
-    conn.write_all(&request.packet()).unwrap();
-    conn.flush().unwrap();
-    thread::sleep(Duration::from_millis(20));
+    let packet = request.packet();
+    write_and_wait_read(&server, &mut conn, &packet, packet.len());
     conn.write_all(b"later").unwrap();
     let response = Response::parse(conn.read_to_end_result().expect("response")).expect("HTTP");
     assert_eq!(Report::parse(&response.body).get("first"), "b'later'");
@@ -611,9 +622,9 @@ fn read_of_a_huge_content_length_does_not_kill_the_server() {
 
 #[test]
 fn body_stalling_after_the_response_is_given_up_even_if_the_app_keeps_it() {
-    // The app answers at once, ignores the body and keeps its environ (so wsgi.input, and the body channel,
-    // stay alive). The body then stalls after filling that channel: once --socket-timeout passes, the server
-    // must close the connection; it used to wait for ever to hand the timeout to an app that never reads.
+    // The app answers at once, ignores the body and keeps its environ (so wsgi.input stays alive). The body
+    // then stalls: once --socket-timeout passes, the server must close the connection; it used to wait for
+    // ever to hand the timeout to an app that never reads.
     let server = Server::start(&["--socket-timeout", "1"]);
     let request = RequestBuilder::post("/ignore-body-keep-environ", b"")
         .set("CONTENT_LENGTH", (10 * 1024 * 1024).to_string().as_bytes());
@@ -622,15 +633,10 @@ fn body_stalling_after_the_response_is_given_up_even_if_the_app_keeps_it() {
     let response = read_response_with_length(&mut conn);
     assert_eq!(response.status_line, "HTTP/1.1 200 OK", "{response:?}");
     assert_eq!(Report::parse(&response.body).get("content_length"), "'10485760'");
-    // 256 KiB in four writes the size of the server's body reads, so they fill the four-chunk channel
-    // exactly and the server is left waiting for more (the pauses keep each piece one read); then nothing,
-    // with our side still open.
-    let piece = vec![b'b'; 64 * 1024];
-    for _ in 0..4 {
-        conn.write_all(&piece).unwrap();
-        conn.flush().unwrap();
-        thread::sleep(Duration::from_millis(50));
-    }
+    // 256 KiB of the 10 MiB, then nothing, with our side still open: however the server reads it, it is
+    // left waiting for more.
+    conn.write_all(&vec![b'b'; 256 * 1024]).unwrap();
+    conn.flush().unwrap();
     match conn.read_to_end_result() {
         Ok(rest) => {
             assert!(rest.is_empty(), "bytes after the response: {:?}", String::from_utf8_lossy(&rest));

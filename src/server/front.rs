@@ -301,6 +301,7 @@ impl Front {
     /// The I/O runtime waits for the rest of this connection's request; `read` is what came so far (copied:
     /// a waiting connection must not keep the serving thread's buffer).
     fn hand_over(self: &Arc<Self>, arrival: Arrival, read: &[u8]) {
+        super::waiting::arriving(read.len());
         self.arrivals.fetch_add(1, Ordering::AcqRel);
         self.spawn(super::waiting::read_then_queue(arrival, BytesMut::from(read), Arc::clone(self)));
     }

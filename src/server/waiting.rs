@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
-use tracing::warn;
+use tracing::{trace, warn};
 
 use super::conn::{sendfile, Conn, TokioStream};
 use super::front::{Arrival, Front};
@@ -313,13 +313,25 @@ async fn read_request<S: Stream>(
     }
 }
 
+/// Traces how much of a request that did not come in one piece has arrived, each time more does (off
+/// unless `OXWSGI_LOG` asks for `oxwsgi::server::arrival=trace`): tests use it to know that the server
+/// read each piece they sent on its own.
+pub(super) fn arriving(received: usize) {
+    trace!(target: "oxwsgi::server::arrival", received, "request arriving");
+}
+
 async fn read_more<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     wait: Duration,
 ) -> Result<usize, Refused> {
     match timeout(wait, reader.read_buf(buf)).await {
-        Ok(Ok(n)) => Ok(n),
+        Ok(Ok(n)) => {
+            if n > 0 {
+                arriving(buf.len());
+            }
+            Ok(n)
+        }
         Ok(Err(err)) => Err(Refused::Io(err)),
         Err(_) => Err(Refused::Timeout { received: buf.len() }),
     }
