@@ -178,6 +178,7 @@ const TOKEN_BYTES: [bool; 256] = {
     let mut table = [false; 256];
     let mut byte = 0;
     while byte < 256 {
+        #[expect(clippy::cast_possible_truncation, reason = "the loop stops below 256")]
         let b = byte as u8;
         table[byte] = b.is_ascii_alphanumeric()
             || matches!(

@@ -125,11 +125,15 @@ impl Inherited {
         let out_of_range = || format!("{LISTEN_FDS_ENV} is out of range");
         let listen_fds = RawFd::try_from(listen_fds).map_err(|_| out_of_range())?;
         let end = FIRST_INHERITED_FD.checked_add(listen_fds).ok_or_else(out_of_range)?;
-        // SAFETY (all three): our parent, the master, placed these descriptors for this process alone —
-        // the listening sockets at 3.., the control socket and the metrics region after them — and this
-        // process opened nothing there before reading them; each is taken once, here.
-        let listeners = (FIRST_INHERITED_FD..end).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        // Our parent, the master, placed these descriptors for this process alone — the listening sockets
+        // at 3.., the control socket and the metrics region after them — and this process opened nothing
+        // there before reading them; each is taken once, here.
+        let listeners = (FIRST_INHERITED_FD..end)
+            // SAFETY: a listening socket the master placed for us (above).
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        // SAFETY: our end of the control socket, placed by the master (above).
         let control = unsafe { OwnedFd::from_raw_fd(control) };
+        // SAFETY: the metrics region, placed by the master (above).
         let metrics = metrics.map(|(fd, cell)| (unsafe { OwnedFd::from_raw_fd(fd) }, cell));
         Ok(Some(Self { worker_id, config, listeners: listeners.collect(), control, metrics }))
     }

@@ -134,7 +134,7 @@ fn malformed_vars_are_closed_without_reply() {
     // A valid record, then one with an empty key.
     let mut empty_key = vec![0, 0, 0, 0];
     empty_key.extend_from_slice(b"\x0e\x00REQUEST_METHOD\x03\x00GET\x00\x00\x01\x00x");
-    let datasize = (empty_key.len() - 4) as u16;
+    let datasize = u16::try_from(empty_key.len() - 4).unwrap();
     empty_key[1..3].copy_from_slice(&datasize.to_le_bytes());
     assert_closed_without_reply(&server, &empty_key, "empty key");
     assert_still_serving(&server);
@@ -936,7 +936,7 @@ fn file_wrapper_starts_at_the_file_position_and_stops_at_content_length() {
 
 /// The bytes `/file-send` and `/read-chunks` tests use: `i % 251`, so a shifted or cut body shows.
 fn pattern(size: usize) -> Vec<u8> {
-    (0..size).map(|i| (i % 251) as u8).collect()
+    (0..size).map(|i| u8::try_from(i % 251).unwrap()).collect()
 }
 
 #[test]

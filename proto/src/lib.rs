@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(consumed, packet_len);
         assert_eq!(
             packet.header,
-            Header { modifier1: 0, datasize: (packet_len - HEADER_LEN) as u16, modifier2: 0 }
+            Header { modifier1: 0, datasize: u16::try_from(packet_len - HEADER_LEN).unwrap(), modifier2: 0 }
         );
         assert_eq!(packet.vars.iter().collect::<Vec<_>>(), vars);
         assert_eq!(&bytes[consumed..], b"body bytes");

@@ -88,6 +88,7 @@ fn invalid_data(what: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io
 fn tcp_queue(socket: BorrowedFd<'_>) -> io::Result<QueueDepth> {
     // SAFETY: `tcp_info` is a C struct of integers only, for which all-zero bytes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    #[expect(clippy::cast_possible_truncation, reason = "tcp_info is a few hundred bytes")]
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the descriptor is open for the borrow; `info` is writable for `len` bytes, and the kernel
     // writes at most `len` bytes and stores the count it wrote back into `len`.

@@ -309,7 +309,7 @@ mod tests {
         let mut cells = Cells::new(Region::create(2).unwrap());
         let first = cells.assign().unwrap();
         let worker = Recorder(cells.region().cell(first).map(|c| {
-            // SAFETY (test): the region outlives every use below.
+            // SAFETY: (a test) the region outlives every use below.
             unsafe { &*std::ptr::from_ref(c) }
         }));
         let done = RequestDone {

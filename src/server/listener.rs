@@ -99,8 +99,8 @@ pub fn systemd_sockets() -> io::Result<Option<Vec<BoundSocket>>> {
     let for_us =
         std::env::var("LISTEN_PID").ok().and_then(|pid| pid.parse::<u32>().ok()) == Some(std::process::id());
     let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<RawFd>().ok());
-    // SAFETY (both): removing variables while no other thread runs (this is called at start-up).
     for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: removing variables while no other thread runs (this is called at start-up).
         unsafe { std::env::remove_var(name) };
     }
     let (true, Some(count)) = (for_us, count) else { return Ok(None) };

@@ -71,7 +71,10 @@ struct VarSpan {
 /// way, so nothing walks it again (the environ and the log line read the index).
 pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Option<Framing>, FramingError> {
     let block_start = buf.as_ptr() as usize + HEADER_LEN;
-    // The block is at most 65535 bytes (a u16 datasize), so every offset and length fits.
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a vars block is at most 65535 bytes (a u16 datasize)"
+    )]
     let span = |part: &[u8]| ((part.as_ptr() as usize - block_start) as u16, part.len() as u16);
     let mut vars = Vec::new();
     let (mut method, mut content_length, mut request_uri, mut path_info) = (None, None, None, None);
@@ -184,9 +187,10 @@ impl RequestLine {
         let method = slice(&self.block, self.method);
         let uri = slice(&self.block, self.uri);
         let block = Bytes::from([method, uri].concat());
-        // Both parts come from a block of at most 65535 bytes.
-        let method_len = method.len() as u16;
-        Self { block, method: (0, method_len), uri: (method_len, uri.len() as u16) }
+        let (Ok(method_len), Ok(uri_len)) = (u16::try_from(method.len()), u16::try_from(uri.len())) else {
+            unreachable!("both parts come from a vars block of at most 65535 bytes")
+        };
+        Self { block, method: (0, method_len), uri: (method_len, uri_len) }
     }
 }
 
