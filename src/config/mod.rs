@@ -306,44 +306,59 @@ pub struct ServerConfig {
     pub max_requests: Option<u64>,
 }
 
-/// A config value that cannot be used; `Display` is the one line printed before exiting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A config that cannot be used, by kind; `Display` is the one line printed before exiting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--buffer-size {0} is over 65535, the largest vars block the uwsgi protocol can carry")]
+    BufferSizeTooLarge(u32),
+    #[error("--buffer-size must be at least 1")]
+    BufferSizeZero,
+    #[error("--socket-timeout must be at least 1 second")]
+    SocketTimeoutZero,
+    #[error("--listen {0} is not a usable backlog")]
+    Backlog(u32),
+    /// A socket address (`--socket`, `--stats`, `--metrics`) that is neither `host:port` nor a path.
+    #[error("{option} {value}: expected host:port, [ipv6]:port, :port or a Unix socket path")]
+    Address { option: &'static str, value: String },
+    #[error("--metrics {0}: Prometheus scrapes over TCP: give host:port")]
+    MetricsNotTcp(String),
+    #[error("--chmod-socket {0}: expected an octal mode such as 660")]
+    Mode(String),
+    /// A user or group that does not resolve (`--uid`, `--gid`, `--chown-socket`).
+    #[error("{option}{}: {why}", value.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
+    Owner { option: &'static str, value: Option<String>, why: String },
+    #[error("--module {0} needs MODULE[:CALLABLE]")]
+    Module(String),
+    #[error("give exactly one of --module or --wsgi-file")]
+    AppSource,
 }
-
-impl std::error::Error for ConfigError {}
 
 impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, ConfigError> {
         let sockets = cli.sockets.iter().map(|s| parse_socket(s)).collect::<Result<Vec<_>, _>>()?;
-        let max_datasize = u16::try_from(cli.buffer_size).map_err(|_| {
-            ConfigError(format!(
-                "--buffer-size {} is over 65535, the largest vars block the uwsgi protocol can carry",
-                cli.buffer_size
-            ))
-        })?;
+        let max_datasize =
+            u16::try_from(cli.buffer_size).map_err(|_| ConfigError::BufferSizeTooLarge(cli.buffer_size))?;
         if max_datasize == 0 {
-            return Err(ConfigError("--buffer-size must be at least 1".into()));
+            return Err(ConfigError::BufferSizeZero);
         }
         if cli.socket_timeout == 0 {
-            return Err(ConfigError("--socket-timeout must be at least 1 second".into()));
+            return Err(ConfigError::SocketTimeoutZero);
         }
         if cli.listen == 0 || i32::try_from(cli.listen).is_err() {
-            return Err(ConfigError(format!("--listen {} is not a usable backlog", cli.listen)));
+            return Err(ConfigError::Backlog(cli.listen));
         }
         let chmod_socket = cli.chmod_socket.as_deref().map(parse_mode).transpose()?;
         let chown_socket = cli
             .chown_socket
             .as_deref()
             .map(|owner| {
-                owner::parse_owner(owner).map_err(|e| ConfigError(format!("--chown-socket {owner}: {e}")))
+                owner::parse_owner(owner).map_err(|why| ConfigError::Owner {
+                    option: "--chown-socket",
+                    value: Some(owner.to_owned()),
+                    why,
+                })
             })
             .transpose()?;
         let run_as = Owner {
@@ -352,13 +367,13 @@ impl TryFrom<Cli> for Config {
                 .as_deref()
                 .map(owner::resolve_user)
                 .transpose()
-                .map_err(|e| ConfigError(format!("--uid: {e}")))?,
+                .map_err(|why| ConfigError::Owner { option: "--uid", value: None, why })?,
             gid: cli
                 .gid
                 .as_deref()
                 .map(owner::resolve_group)
                 .transpose()
-                .map_err(|e| ConfigError(format!("--gid: {e}")))?,
+                .map_err(|why| ConfigError::Owner { option: "--gid", value: None, why })?,
         };
         let recycle = RecycleConfig {
             max_requests: NonZeroU64::new(cli.max_requests),
@@ -377,12 +392,12 @@ impl TryFrom<Cli> for Config {
                     None => (module, cli.callable),
                 };
                 if module.is_empty() || callable.is_empty() {
-                    return Err(ConfigError(format!("--module {module}:{callable} needs MODULE[:CALLABLE]")));
+                    return Err(ConfigError::Module(format!("{module}:{callable}")));
                 }
                 (AppSource::Module(module), callable)
             }
             (None, Some(path)) => (AppSource::File(path), cli.callable),
-            _ => return Err(ConfigError("give exactly one of --module or --wsgi-file".into())),
+            _ => return Err(ConfigError::AppSource),
         };
         Ok(Config {
             sockets,
@@ -426,9 +441,7 @@ fn metrics_config(cli: &Cli) -> Result<MetricsConfig, ConfigError> {
             .as_deref()
             .map(|addr| match parse_address("--metrics", addr)? {
                 SocketSpec::Tcp(addr) => Ok(addr),
-                SocketSpec::Unix(_) => {
-                    Err(ConfigError(format!("--metrics {addr}: Prometheus scrapes over TCP: give host:port")))
-                }
+                SocketSpec::Unix(_) => Err(ConfigError::MetricsNotTcp(addr.to_owned())),
             })
             .transpose()?,
         stats: cli.stats.as_deref().map(|addr| parse_address("--stats", addr)).transpose()?,
@@ -443,7 +456,7 @@ pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
 }
 
 /// [`parse_socket`] for `option`, which its errors name.
-fn parse_address(option: &str, text: &str) -> Result<SocketSpec, ConfigError> {
+fn parse_address(option: &'static str, text: &str) -> Result<SocketSpec, ConfigError> {
     if let Some(path) = text.strip_prefix("unix:") {
         return Ok(SocketSpec::Unix(PathBuf::from(path)));
     }
@@ -454,9 +467,7 @@ fn parse_address(option: &str, text: &str) -> Result<SocketSpec, ConfigError> {
     if let Ok(addr) = with_host.parse::<SocketAddr>() {
         return Ok(SocketSpec::Tcp(addr));
     }
-    let bad = || {
-        ConfigError(format!("{option} {text}: expected host:port, [ipv6]:port, :port or a Unix socket path"))
-    };
+    let bad = || ConfigError::Address { option, value: text.to_owned() };
     if !with_host.contains(':') {
         return Err(bad());
     }
@@ -466,9 +477,9 @@ fn parse_address(option: &str, text: &str) -> Result<SocketSpec, ConfigError> {
 fn parse_mode(text: &str) -> Result<u32, ConfigError> {
     let valid = (1..=4).contains(&text.len()) && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
     if !valid {
-        return Err(ConfigError(format!("--chmod-socket {text}: expected an octal mode such as 660")));
+        return Err(ConfigError::Mode(text.to_owned()));
     }
-    u32::from_str_radix(text, 8).map_err(|_| ConfigError(format!("--chmod-socket {text}: not an octal mode")))
+    u32::from_str_radix(text, 8).map_err(|_| ConfigError::Mode(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -479,6 +490,24 @@ mod tests {
         let mut argv = vec!["oxwsgi"];
         argv.extend_from_slice(args);
         Config::try_from(Cli::try_parse_from(argv).expect("arguments parse"))
+    }
+
+    #[test]
+    fn errors_have_kinds_and_one_line() {
+        let owner = config(&["--socket", ":1", "--module", "m", "--chown-socket", "no-such-user-here"]);
+        assert!(
+            matches!(&owner, Err(ConfigError::Owner { option: "--chown-socket", value: Some(_), .. })),
+            "{owner:?}"
+        );
+        let text = owner.unwrap_err().to_string();
+        assert!(text.starts_with("--chown-socket no-such-user-here: no such user"), "{text}");
+        assert_eq!(
+            config(&["--socket", ":1", "--module", ":app"]).unwrap_err(),
+            ConfigError::Module(":app".into())
+        );
+        let metrics = config(&["--socket", ":1", "--module", "m", "--metrics", "/tmp/m.sock"]).unwrap_err();
+        assert_eq!(metrics, ConfigError::MetricsNotTcp("/tmp/m.sock".into()));
+        assert_eq!(metrics.to_string(), "--metrics /tmp/m.sock: Prometheus scrapes over TCP: give host:port");
     }
 
     #[test]
@@ -543,8 +572,12 @@ mod tests {
         assert_eq!(parse_socket("/run/app.sock"), Ok(SocketSpec::Unix("/run/app.sock".into())));
         assert_eq!(parse_socket("unix:app.sock"), Ok(SocketSpec::Unix("app.sock".into())));
         assert!(matches!(parse_socket("localhost:3031"), Ok(SocketSpec::Tcp(_))));
-        assert!(parse_socket("nonsense").is_err());
-        assert!(parse_socket("127.0.0.1:notaport").is_err());
+        for bad in ["nonsense", "127.0.0.1:notaport"] {
+            assert_eq!(
+                parse_socket(bad),
+                Err(ConfigError::Address { option: "--socket", value: bad.into() })
+            );
+        }
     }
 
     #[test]
@@ -624,7 +657,10 @@ mod tests {
         assert_eq!(cfg.server.chmod_socket, Some(0o666));
         let cfg = config(&["--socket", ":1", "--module", "m", "--chmod-socket", "660"]).unwrap();
         assert_eq!(cfg.server.chmod_socket, Some(0o660));
-        assert!(config(&["--socket", ":1", "--module", "m", "--chmod-socket", "rw"]).is_err());
+        assert_eq!(
+            config(&["--socket", ":1", "--module", "m", "--chmod-socket", "rw"]).unwrap_err(),
+            ConfigError::Mode("rw".into())
+        );
     }
 
     #[test]
@@ -632,7 +668,10 @@ mod tests {
         let err = config(&["--socket", ":1", "--module", "m", "--buffer-size", "65536"]).unwrap_err();
         assert!(err.to_string().contains("65535"), "{err}");
         assert!(!err.to_string().contains('\n'));
-        assert!(config(&["--socket", ":1", "--module", "m", "--socket-timeout", "0"]).is_err());
+        assert_eq!(
+            config(&["--socket", ":1", "--module", "m", "--socket-timeout", "0"]).unwrap_err(),
+            ConfigError::SocketTimeoutZero
+        );
         assert!(Cli::try_parse_from(["oxwsgi", "--socket", ":1"]).is_err(), "an app is required");
         assert!(Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--wsgi-file", "f.py"])
             .is_err());
