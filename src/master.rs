@@ -200,17 +200,29 @@ impl Control {
     }
 }
 
-/// Why the master stopped on its own.
-#[derive(Debug)]
-pub struct MasterError(String);
-
-impl fmt::Display for MasterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the master stopped on its own, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// Setting up what the workers inherit (the sockets' copies, the metrics region's).
+    #[error("cannot prepare the {what} for the workers: {source}")]
+    Handoff { what: &'static str, source: io::Error },
+    #[error("cannot start the master's runtime: {0}")]
+    Runtime(io::Error),
+    #[error("cannot create the shared memory for metrics: {0}")]
+    MetricsRegion(io::Error),
+    #[error("cannot pass the config to the workers: {0}")]
+    Config(serde_json::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    /// `--metrics` or `--stats` cannot listen.
+    #[error("cannot listen on {option} {address}: {source}")]
+    Endpoint { option: &'static str, address: String, source: io::Error },
+    #[error("cannot start worker {slot}: {source}")]
+    Spawn { slot: usize, source: io::Error },
+    /// A worker of the first generation exited before it was ready: the app does not load.
+    #[error("worker {slot} could not start (it {how}); the app fails to load, see the worker's error above")]
+    FirstStart { slot: usize, how: String },
 }
-
-impl std::error::Error for MasterError {}
 
 /// Starts the workers on `sockets` (bound, or passed by systemd) and supervises them until a stop signal.
 /// `on_ready` runs once every worker of the first generation accepts.
@@ -231,25 +243,21 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
         .iter()
         .map(|socket| dup_above(socket.as_raw_fd(), floor))
         .collect::<io::Result<Vec<_>>>()
-        .map_err(|err| MasterError(format!("cannot prepare the sockets for the workers: {err}")))?;
+        .map_err(|source| MasterError::Handoff { what: "sockets", source })?;
     // From here the master holds only the copies it hands down, and drops them when it stops.
     drop(sockets);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| MasterError(format!("cannot start the master's runtime: {err}")))?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(MasterError::Runtime)?;
     let books = if config.metrics.enabled() {
         let cells = config.processes.workers.get().saturating_mul(CELLS_PER_WORKER);
-        let region = Region::create(cells)
-            .map_err(|err| MasterError(format!("cannot create the shared memory for metrics: {err}")))?;
+        let region = Region::create(cells).map_err(MasterError::MetricsRegion)?;
         let handed_down = dup_above(region.fd().as_raw_fd(), floor)
-            .map_err(|err| MasterError(format!("cannot prepare the metrics for the workers: {err}")))?;
+            .map_err(|source| MasterError::Handoff { what: "metrics", source })?;
         Some((Books::new(region), handed_down))
     } else {
         None
     };
-    let config_json = serde_json::to_string(config)
-        .map_err(|err| MasterError(format!("cannot pass the config to the workers: {err}")))?;
+    let config_json = serde_json::to_string(config).map_err(MasterError::Config)?;
     let supervisor = Supervisor::new(config, config_json, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
@@ -423,7 +431,7 @@ impl<'a> Supervisor<'a> {
 
     async fn supervise(mut self, on_ready: impl FnOnce()) -> Result<(), MasterError> {
         let mut on_ready = Some(on_ready);
-        let signal_error = |err: io::Error| MasterError(format!("cannot install signal handlers: {err}"));
+        let signal_error = MasterError::Signals;
         let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
         let mut quit = signal(SignalKind::quit()).map_err(signal_error)?;
@@ -682,9 +690,7 @@ impl<'a> Supervisor<'a> {
             }
             self.signal_all(libc::SIGTERM);
             self.wait_all(self.config.server.graceful_timeout).await;
-            return Err(MasterError(format!(
-                "worker {slot} could not start (it {how}); the app fails to load, see the worker's error above"
-            )));
+            return Err(MasterError::FirstStart { slot, how });
         }
         warn!("worker {slot} (pid {pid}) {how}; starting a new one");
         self.count_restart(RestartReason::Crash);
@@ -720,13 +726,20 @@ impl<'a> Supervisor<'a> {
             let listener = std::net::TcpListener::bind(addr)
                 .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|err| MasterError(format!("cannot listen on --metrics {addr}: {err}")))?;
+                .map_err(|source| MasterError::Endpoint {
+                    option: "--metrics",
+                    address: addr.to_string(),
+                    source,
+                })?;
             info!("metrics at http://{addr}/metrics");
             tokio::spawn(endpoint::serve_metrics(listener, self.query_sender.clone()));
         }
         if let Some(spec) = &metrics.stats {
-            let listener = StatsListener::bind(spec)
-                .map_err(|err| MasterError(format!("cannot listen on --stats {spec}: {err}")))?;
+            let listener = StatsListener::bind(spec).map_err(|source| MasterError::Endpoint {
+                option: "--stats",
+                address: spec.to_string(),
+                source,
+            })?;
             info!("uWSGI stats on {spec}");
             tokio::spawn(endpoint::serve_stats(listener, metrics.stats_http, self.query_sender.clone()));
         }
@@ -776,7 +789,7 @@ impl<'a> Supervisor<'a> {
 
     /// Starts a worker for `slot`, with a task relaying what it says and when it exits. Returns its pid.
     fn spawn(&mut self, slot: usize) -> Result<WorkerPid, MasterError> {
-        let fail = |err: io::Error| MasterError(format!("cannot start worker {slot}: {err}"));
+        let fail = |source: io::Error| MasterError::Spawn { slot, source };
         let (master_end, worker_end) = UnixStream::pair().map_err(fail)?;
         let worker_end =
             dup_above(worker_end.as_raw_fd(), handoff_floor(self.handoff.len())).map_err(fail)?;
