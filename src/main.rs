@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use oxwsgi::config::{Cli, Config};
+use oxwsgi::config::{Cli, Config, SocketSpec};
 use oxwsgi::metrics::Recorder;
 use oxwsgi::server::{BoundSocket, Front};
 use oxwsgi::{deploy, master, server, wsgi};
@@ -65,8 +65,19 @@ fn main() -> ExitCode {
     serve(&config, sockets, None)
 }
 
+/// Why a process that is not a worker has no sockets to serve on, by kind.
+#[derive(Debug, thiserror::Error)]
+enum SocketsError {
+    #[error("cannot use the sockets passed by systemd: {0}")]
+    Systemd(std::io::Error),
+    #[error("no socket to listen on: give --socket ADDR (or start under systemd socket activation)")]
+    NoSocket,
+    #[error("cannot listen on {spec}: {source}")]
+    Bind { spec: SocketSpec, source: std::io::Error },
+}
+
 /// The listening sockets of a process that is not a worker: from systemd (socket activation), or bound here.
-fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, String> {
+fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
     match server::systemd_sockets() {
         Ok(Some(sockets)) => {
             // systemd owns these sockets and their files.
@@ -75,19 +86,18 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, String> {
             return Ok(sockets);
         }
         Ok(None) => {}
-        Err(err) => return Err(format!("cannot use the sockets passed by systemd: {err}")),
+        Err(err) => return Err(SocketsError::Systemd(err)),
     }
     if config.sockets.is_empty() {
-        return Err(
-            "no socket to listen on: give --socket ADDR (or start under systemd socket activation)".into()
-        );
+        return Err(SocketsError::NoSocket);
     }
     deploy::check_backlog(config.server.listen_backlog);
     config
         .sockets
         .iter()
         .map(|spec| {
-            server::bind(spec, &config.server).map_err(|err| format!("cannot listen on {spec}: {err}"))
+            server::bind(spec, &config.server)
+                .map_err(|source| SocketsError::Bind { spec: spec.clone(), source })
         })
         .collect()
 }

@@ -88,7 +88,7 @@ impl Inherited {
     /// descriptors set up for another process are never taken. The descriptor variables are removed, so that
     /// programs the app starts do not take the descriptors for theirs (the worker id stays: apps may read
     /// it).
-    pub fn from_env() -> Result<Option<Self>, String> {
+    pub fn from_env() -> Result<Option<Self>, HandoffError> {
         let number = |name| std::env::var(name).ok()?.parse::<usize>().ok();
         let fd = |name| {
             number(name).and_then(|fd| RawFd::try_from(fd).ok()).filter(|&fd| fd >= FIRST_INHERITED_FD)
@@ -113,18 +113,14 @@ impl Inherited {
         // SAFETY: getppid has no preconditions.
         let parent = usize::try_from(unsafe { libc::getppid() }).ok();
         if parent != Some(master) {
-            return Err(format!(
-                "{LISTEN_FDS_ENV} and the other worker variables were set for a worker of process {master}, \
-                 not of this process's parent: unset them"
-            ));
+            return Err(HandoffError::ForAnotherProcess { master });
         }
-        let config =
-            config.ok_or_else(|| format!("{CONFIG_ENV} is missing: the master passes its config"))?;
-        let config: Config = serde_json::from_str(&config)
-            .map_err(|err| format!("{CONFIG_ENV} is not a config this version can read: {err}"))?;
-        let out_of_range = || format!("{LISTEN_FDS_ENV} is out of range");
-        let listen_fds = RawFd::try_from(listen_fds).map_err(|_| out_of_range())?;
-        let end = FIRST_INHERITED_FD.checked_add(listen_fds).ok_or_else(out_of_range)?;
+        let config = config.ok_or(HandoffError::NoConfig)?;
+        let config: Config = serde_json::from_str(&config).map_err(HandoffError::Config)?;
+        let end = RawFd::try_from(listen_fds)
+            .ok()
+            .and_then(|count| FIRST_INHERITED_FD.checked_add(count))
+            .ok_or(HandoffError::TooManySockets(listen_fds))?;
         // Our parent, the master, placed these descriptors for this process alone — the listening sockets
         // at 3.., the control socket and the metrics region after them — and this process opened nothing
         // there before reading them; each is taken once, here.
@@ -198,6 +194,22 @@ impl Control {
     pub fn max_requests_reached(&self) {
         self.say(SAYS_MAX_REQUESTS, "to replace this worker");
     }
+}
+
+/// Why a worker cannot take what its master handed down, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error(
+        "{LISTEN_FDS_ENV} and the other worker variables were set for a worker of process {master}, not of \
+         this process's parent: unset them"
+    )]
+    ForAnotherProcess { master: usize },
+    #[error("{CONFIG_ENV} is missing: the master passes its config")]
+    NoConfig,
+    #[error("{CONFIG_ENV} is not a config this version can read: {0}")]
+    Config(serde_json::Error),
+    #[error("{LISTEN_FDS_ENV} {0} is out of range")]
+    TooManySockets(usize),
 }
 
 /// Why the master stopped on its own, by kind.

@@ -325,8 +325,8 @@ pub enum ConfigError {
     #[error("--chmod-socket {0}: expected an octal mode such as 660")]
     Mode(String),
     /// A user or group that does not resolve (`--uid`, `--gid`, `--chown-socket`).
-    #[error("{option}{}: {why}", value.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
-    Owner { option: &'static str, value: Option<String>, why: String },
+    #[error("{option}{}: {source}", value.as_ref().map(|v| format!(" {v}")).unwrap_or_default())]
+    Owner { option: &'static str, value: Option<String>, source: owner::LookupError },
     #[error("--module {0} needs MODULE[:CALLABLE]")]
     Module(String),
     #[error("give exactly one of --module or --wsgi-file")]
@@ -354,10 +354,10 @@ impl TryFrom<Cli> for Config {
             .chown_socket
             .as_deref()
             .map(|owner| {
-                owner::parse_owner(owner).map_err(|why| ConfigError::Owner {
+                owner::parse_owner(owner).map_err(|source| ConfigError::Owner {
                     option: "--chown-socket",
                     value: Some(owner.to_owned()),
-                    why,
+                    source,
                 })
             })
             .transpose()?;
@@ -367,13 +367,13 @@ impl TryFrom<Cli> for Config {
                 .as_deref()
                 .map(owner::resolve_user)
                 .transpose()
-                .map_err(|why| ConfigError::Owner { option: "--uid", value: None, why })?,
+                .map_err(|source| ConfigError::Owner { option: "--uid", value: None, source })?,
             gid: cli
                 .gid
                 .as_deref()
                 .map(owner::resolve_group)
                 .transpose()
-                .map_err(|why| ConfigError::Owner { option: "--gid", value: None, why })?,
+                .map_err(|source| ConfigError::Owner { option: "--gid", value: None, source })?,
         };
         let recycle = RecycleConfig {
             max_requests: NonZeroU64::new(cli.max_requests),

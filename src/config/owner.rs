@@ -11,8 +11,20 @@ pub struct Owner {
     pub gid: Option<libc::gid_t>,
 }
 
+/// A user or group that cannot be resolved, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no such user: {0:?}")]
+    NoSuchUser(String),
+    #[error("no such group: {0:?}")]
+    NoSuchGroup(String),
+    /// The user database itself failed (NSS, a file that cannot be read).
+    #[error("cannot look up {what} {name:?}: {errno}")]
+    Database { what: &'static str, name: String, errno: nix::errno::Errno },
+}
+
 /// `USER[:GROUP]`, names or numbers.
-pub fn parse_owner(text: &str) -> Result<Owner, String> {
+pub fn parse_owner(text: &str) -> Result<Owner, LookupError> {
     let (user, group) = text.split_once(':').map_or((text, None), |(u, g)| (u, Some(g)));
     let uid = (!user.is_empty()).then(|| resolve_user(user)).transpose()?;
     let gid = group.filter(|g| !g.is_empty()).map(resolve_group).transpose()?;
@@ -20,26 +32,26 @@ pub fn parse_owner(text: &str) -> Result<Owner, String> {
 }
 
 /// A user by name or number (`--uid`, the user of `--chown-socket`).
-pub fn resolve_user(name: &str) -> Result<libc::uid_t, String> {
+pub fn resolve_user(name: &str) -> Result<libc::uid_t, LookupError> {
     if let Ok(uid) = name.parse() {
         return Ok(uid);
     }
     match User::from_name(name) {
         Ok(Some(user)) => Ok(user.uid.as_raw()),
-        Ok(None) => Err(format!("no such user: {name:?}")),
-        Err(err) => Err(format!("cannot look up user {name:?}: {err}")),
+        Ok(None) => Err(LookupError::NoSuchUser(name.to_owned())),
+        Err(errno) => Err(LookupError::Database { what: "user", name: name.to_owned(), errno }),
     }
 }
 
 /// A group by name or number (`--gid`, the group of `--chown-socket`).
-pub fn resolve_group(name: &str) -> Result<libc::gid_t, String> {
+pub fn resolve_group(name: &str) -> Result<libc::gid_t, LookupError> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
     match Group::from_name(name) {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
-        Ok(None) => Err(format!("no such group: {name:?}")),
-        Err(err) => Err(format!("cannot look up group {name:?}: {err}")),
+        Ok(None) => Err(LookupError::NoSuchGroup(name.to_owned())),
+        Err(errno) => Err(LookupError::Database { what: "group", name: name.to_owned(), errno }),
     }
 }
 
@@ -59,7 +71,13 @@ mod tests {
         assert_eq!(parse_owner("0:0"), Ok(Owner { uid: Some(0), gid: Some(0) }));
         assert_eq!(parse_owner("root:root"), Ok(Owner { uid: Some(0), gid: Some(0) }));
         assert_eq!(parse_owner(":0"), Ok(Owner { uid: None, gid: Some(0) }));
-        assert!(parse_owner("no-such-user-here").is_err());
-        assert!(parse_owner("root:no-such-group-here").is_err());
+        assert_eq!(
+            parse_owner("no-such-user-here"),
+            Err(LookupError::NoSuchUser("no-such-user-here".into()))
+        );
+        assert_eq!(
+            parse_owner("root:no-such-group-here"),
+            Err(LookupError::NoSuchGroup("no-such-group-here".into()))
+        );
     }
 }

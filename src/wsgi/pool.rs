@@ -29,17 +29,17 @@ pub struct Pool {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// Why the pool could not start.
-#[derive(Debug)]
-pub struct StartError(String);
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the pool could not start, by kind. A Python error is already formatted (its traceback) here: no
+/// `PyErr` leaves this module.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the harakiri watchdog: {0}")]
+    Watchdog(std::io::Error),
+    #[error("cannot prepare the WSGI environ:\n{traceback}")]
+    Environ { traceback: String },
+    #[error("cannot start Python threads: {0}")]
+    Threads(std::io::Error),
 }
-
-impl std::error::Error for StartError {}
 
 impl Pool {
     pub(super) fn start(
@@ -56,8 +56,7 @@ impl Pool {
         let board = match config.harakiri {
             Some(limit) => {
                 let board = Board::new(threads);
-                harakiri::watch(Arc::clone(&board), limit, on_harakiri)
-                    .map_err(|e| StartError(format!("cannot start the harakiri watchdog: {e}")))?;
+                harakiri::watch(Arc::clone(&board), limit, on_harakiri).map_err(StartError::Watchdog)?;
                 Some(board)
             }
             None => None,
@@ -69,9 +68,7 @@ impl Pool {
             (0..threads)
                 .map(|_| EnvironTemplate::new(py, threads > 1, config.multiprocess))
                 .collect::<PyResult<Vec<_>>>()
-                .map_err(|err| {
-                    StartError(format!("cannot prepare the WSGI environ:\n{}", traceback(py, &err)))
-                })
+                .map_err(|err| StartError::Environ { traceback: traceback(py, &err) })
         })?;
         let handles = environs
             .into_iter()
@@ -85,7 +82,7 @@ impl Pool {
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| StartError(format!("cannot start Python threads: {e}")))?;
+            .map_err(StartError::Threads)?;
         Ok(Self { threads: Mutex::new(handles) })
     }
 
