@@ -318,19 +318,20 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::layout::{self, WorkerCell, FIRST_STATUS};
+    use crate::metrics::layout::{WorkerCell, FIRST_STATUS};
     use crate::metrics::model::Method;
+    use crate::metrics::words;
 
     fn sample() -> Box<Counters<u64>> {
-        let live = layout::zeroed::<WorkerCell<AtomicU64>>();
+        let live = words::zeroed::<WorkerCell<AtomicU64>>();
         live.counters.requests[Method::Get as usize][usize::from(200 - FIRST_STATUS)]
             .store(7, Ordering::Relaxed);
         live.counters.requests[Method::Post as usize][usize::from(500 - FIRST_STATUS)]
             .store(1, Ordering::Relaxed);
         live.counters.request_duration.observe(Duration::from_millis(2));
         live.counters.request_duration.observe(Duration::from_secs(120));
-        let mut counters = layout::zeroed::<Counters<u64>>();
-        layout::add_into(&mut *counters, &live.counters);
+        let mut counters = words::zeroed::<Counters<u64>>();
+        words::add_into(&mut *counters, &live.counters);
         counters
     }
 

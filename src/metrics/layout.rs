@@ -1,14 +1,16 @@
 //! What one worker counts, laid out as plain 64-bit words so it can live in shared memory: written with
 //! atomics by the worker, read (and summed over workers) by the master.
 //!
-//! Every type here is `#[repr(C)]` and made only of its word type `W` — `AtomicU64` in shared memory, `u64` in
-//! a snapshot — so a snapshot is a word-by-word copy and folding a dead worker into the totals is a
-//! word-by-word sum, with no field that could be forgotten. All-zero bytes are a valid, empty value.
+//! Every type here is declared with [`word_struct!`](super::words::word_struct): `#[repr(C)]` and made only
+//! of its word type `W` (checked at compile time), so a snapshot is a word-by-word copy and folding a dead
+//! worker into the totals is a word-by-word sum, with no field that could be forgotten. All-zero bytes are a
+//! valid, empty value.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::model::{Method, ProtocolErrorKind};
+use super::words::word_struct;
 
 /// Upper bounds of the latency histograms' buckets, in seconds (Prometheus `le`), plus the implicit +Inf.
 /// From half a millisecond (a cached view behind nginx) to a minute (nginx's default `uwsgi_read_timeout`,
@@ -43,12 +45,13 @@ pub const BUCKETS: usize = LATENCY_BUCKETS.len() + 1;
 pub const FIRST_STATUS: u16 = 200;
 const STATUSES: usize = 800;
 
-/// A fixed-bucket latency histogram.
-#[repr(C)]
-pub struct Histogram<W> {
-    /// Per bucket, not cumulative (cumulated when exported): one increment per observation.
-    pub buckets: [W; BUCKETS],
-    pub sum_nanos: W,
+word_struct! {
+    /// A fixed-bucket latency histogram.
+    pub struct Histogram<W> {
+        /// Per bucket, not cumulative (cumulated when exported): one increment per observation.
+        pub buckets: [W; BUCKETS],
+        pub sum_nanos: W,
+    }
 }
 
 impl Histogram<AtomicU64> {
@@ -81,25 +84,26 @@ impl Histogram<u64> {
     }
 }
 
-/// Counts that only grow: summed over live workers plus every worker that ever died.
-#[repr(C)]
-pub struct Counters<W> {
-    /// `[method][status - FIRST_STATUS]`: responses the app's requests got.
-    pub requests: [[W; STATUSES]; Method::ALL.len()],
-    /// Accepted → response written.
-    pub request_duration: Histogram<W>,
-    /// Accepted → a Python thread takes the request: time spent waiting for capacity.
-    pub queue_wait: Histogram<W>,
-    /// The app call, its iteration and `close()`, on the Python thread.
-    pub app_duration: Histogram<W>,
-    pub request_body_bytes: W,
-    /// Head and body bytes written to nginx.
-    pub response_bytes: W,
-    /// The app raised (or broke PEP 3333) and the request got a 500 or was cut.
-    pub app_exceptions: W,
-    pub protocol_errors: [W; ProtocolErrorKind::ALL.len()],
-    /// Writes of the response that failed (nginx or the client went away, or a write timed out).
-    pub write_errors: W,
+word_struct! {
+    /// Counts that only grow: summed over live workers plus every worker that ever died.
+    pub struct Counters<W> {
+        /// `[method][status - FIRST_STATUS]`: responses the app's requests got.
+        pub requests: [[W; STATUSES]; Method::ALL.len()],
+        /// Accepted → response written.
+        pub request_duration: Histogram<W>,
+        /// Accepted → a Python thread takes the request: time spent waiting for capacity.
+        pub queue_wait: Histogram<W>,
+        /// The app call, its iteration and `close()`, on the Python thread.
+        pub app_duration: Histogram<W>,
+        pub request_body_bytes: W,
+        /// Head and body bytes written to nginx.
+        pub response_bytes: W,
+        /// The app raised (or broke PEP 3333) and the request got a 500 or was cut.
+        pub app_exceptions: W,
+        pub protocol_errors: [W; ProtocolErrorKind::ALL.len()],
+        /// Writes of the response that failed (nginx or the client went away, or a write timed out).
+        pub write_errors: W,
+    }
 }
 
 impl Counters<u64> {
@@ -131,111 +135,38 @@ fn status_index(status: u16) -> Option<usize> {
 /// still count in every other metric.
 pub const TRACKED_THREADS: usize = 256;
 
-/// One Python thread, as the uWSGI stats show it.
-#[repr(C)]
-pub struct ThreadCell<W> {
-    pub requests: W,
-    /// 1 while it runs a request.
-    pub busy: W,
-}
-
-/// What is true of a live worker right now: dropped, not summed, when it dies.
-#[repr(C)]
-pub struct Gauges<W> {
-    /// Connections accepted and not yet answered (waiting for a thread, or running).
-    pub in_flight: W,
-    pub threads: W,
-    pub busy_threads: W,
-    pub thread_cells: [ThreadCell<W>; TRACKED_THREADS],
-}
-
-/// One worker's slot in the shared region.
-#[repr(C)]
-pub struct WorkerCell<W> {
-    pub counters: Counters<W>,
-    pub gauges: Gauges<W>,
-}
-
-/// A word of a metrics struct: `u64` in a snapshot, `AtomicU64` in shared memory (same size and alignment).
-pub trait Word: sealed::Sealed {}
-impl Word for u64 {}
-impl Word for AtomicU64 {}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for u64 {}
-    impl Sealed for std::sync::atomic::AtomicU64 {}
-}
-
-/// A struct that is nothing but words: `#[repr(C)]`, every field a `W` or an array or struct of them.
-///
-/// # Safety
-/// Implement only for such types: then there is no padding, all-zero bytes are a valid value, and the value
-/// can be viewed as a slice of `u64` or `AtomicU64`.
-pub unsafe trait Words {}
-// SAFETY: each is `#[repr(C)]` and made only of `W` (or arrays and structs of this list).
-unsafe impl<W: Word> Words for Histogram<W> {}
-// SAFETY: as above.
-unsafe impl<W: Word> Words for Counters<W> {}
-// SAFETY: as above.
-unsafe impl<W: Word> Words for ThreadCell<W> {}
-// SAFETY: as above.
-unsafe impl<W: Word> Words for Gauges<W> {}
-// SAFETY: as above.
-unsafe impl<W: Word> Words for WorkerCell<W> {}
-
-fn words<T: Words, W: Word>(value: &T) -> &[W] {
-    // SAFETY: `T: Words` is words only, `W` is one of the two word types (same size and alignment as u64).
-    unsafe {
-        std::slice::from_raw_parts(
-            std::ptr::from_ref(value).cast::<W>(),
-            std::mem::size_of::<T>() / std::mem::size_of::<W>(),
-        )
+word_struct! {
+    /// One Python thread, as the uWSGI stats show it.
+    pub struct ThreadCell<W> {
+        pub requests: W,
+        /// 1 while it runs a request.
+        pub busy: W,
     }
 }
 
-fn words_mut<T: Words>(value: &mut T) -> &mut [u64] {
-    // SAFETY: as in `words`; the borrow is exclusive.
-    unsafe {
-        std::slice::from_raw_parts_mut(
-            std::ptr::from_mut(value).cast::<u64>(),
-            std::mem::size_of::<T>() / std::mem::size_of::<u64>(),
-        )
+word_struct! {
+    /// What is true of a live worker right now: dropped, not summed, when it dies.
+    pub struct Gauges<W> {
+        /// Connections accepted and not yet answered (waiting for a thread, or running).
+        pub in_flight: W,
+        pub threads: W,
+        pub busy_threads: W,
+        pub thread_cells: [ThreadCell<W>; TRACKED_THREADS],
     }
 }
 
-/// A zeroed value on the heap (these are tens of kilobytes: too big for comfort on a stack).
-pub fn zeroed<T: Words>() -> Box<T> {
-    let layout = std::alloc::Layout::new::<T>();
-    // SAFETY: `T: Words` is never zero-sized (it holds at least one word).
-    let memory = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
-    if memory.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    // SAFETY: allocated with `T`'s layout by the global allocator, as `Box` expects, and all-zero bytes are a
-    // valid `T: Words`.
-    unsafe { Box::from_raw(memory) }
-}
-
-/// Adds `live`, read atomically word by word, into `total` (the same struct with plain words).
-pub fn add_into<Total: Words, Live: Words>(total: &mut Total, live: &Live) {
-    assert_eq!(std::mem::size_of::<Total>(), std::mem::size_of::<Live>(), "the same layout");
-    let live: &[AtomicU64] = words(live);
-    for (total, live) in words_mut(total).iter_mut().zip(live) {
-        *total = total.wrapping_add(live.load(Ordering::Relaxed));
-    }
-}
-
-/// Stores zero in every word.
-pub fn reset<T: Words>(live: &T) {
-    for word in words::<T, AtomicU64>(live) {
-        word.store(0, Ordering::Relaxed);
+word_struct! {
+    /// One worker's slot in the shared region.
+    pub struct WorkerCell<W> {
+        pub counters: Counters<W>,
+        pub gauges: Gauges<W>,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::words::{add_into, reset, zeroed};
 
     #[test]
     fn bounds_agree() {

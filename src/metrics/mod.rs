@@ -4,6 +4,8 @@
 //!
 //! - [`model`]: the label sets (method, protocol error kind).
 //! - [`layout`]: what a worker counts, as plain words (the cell).
+//! - [`words`]: viewing those structs as words (the only unsafe views), and the compile-time check that
+//!   they are nothing else.
 //! - [`region`]: the shared memory itself, the worker's [`Recorder`] and the master's [`Cells`].
 //! - [`exposition`]: the Prometheus text document (pure).
 //! - [`stats`]: the uWSGI stats JSON document (pure).
@@ -19,5 +21,6 @@ pub mod listen_queue;
 pub mod model;
 pub mod region;
 pub mod stats;
+pub mod words;
 
 pub use region::{Cells, Recorder, Region, RequestDone};

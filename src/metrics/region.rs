@@ -11,8 +11,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::layout::{self, Counters, WorkerCell, TRACKED_THREADS};
+use super::layout::{Counters, WorkerCell, TRACKED_THREADS};
 use super::model::{Method, ProtocolErrorKind};
+use super::words;
 
 /// Cells per `--processes`: a worker and its replacement overlap during a reload or a recycle, and a
 /// harakiri'd worker still holds its cell while its replacement starts (and may itself be reloaded). A
@@ -130,7 +131,7 @@ pub struct Cells {
 impl Cells {
     pub fn new(region: Region) -> Self {
         let in_use = vec![false; region.len()];
-        Self { region, in_use, retired: layout::zeroed() }
+        Self { region, in_use, retired: words::zeroed() }
     }
 
     pub fn region(&self) -> &Region {
@@ -151,16 +152,16 @@ impl Cells {
         if !std::mem::replace(&mut self.in_use[index], false) {
             return;
         }
-        layout::add_into(&mut *self.retired, &cell.counters);
-        layout::reset(cell);
+        words::add_into(&mut *self.retired, &cell.counters);
+        words::reset(cell);
     }
 
     /// Every counter so far: the dead workers' totals plus the live cells.
     pub fn counters(&self) -> Box<Counters<u64>> {
-        let mut total = layout::zeroed::<Counters<u64>>();
-        layout::add_into(&mut *total, &*self.retired);
+        let mut total = words::zeroed::<Counters<u64>>();
+        words::add_into(&mut *total, &*self.retired);
         for cell in self.live() {
-            layout::add_into(&mut *total, &cell.counters);
+            words::add_into(&mut *total, &cell.counters);
         }
         total
     }
@@ -168,8 +169,8 @@ impl Cells {
     /// One live cell's counters and gauges, read now.
     pub fn snapshot(&self, index: usize) -> Option<Box<WorkerCell<u64>>> {
         let cell = self.region.cell(index).filter(|_| self.in_use[index])?;
-        let mut snapshot = layout::zeroed::<WorkerCell<u64>>();
-        layout::add_into(&mut *snapshot, cell);
+        let mut snapshot = words::zeroed::<WorkerCell<u64>>();
+        words::add_into(&mut *snapshot, cell);
         Some(snapshot)
     }
 
@@ -232,7 +233,7 @@ impl Recorder {
     pub fn request_done(self, done: &RequestDone) {
         let Some(cell) = self.0 else { return };
         let counters = &cell.counters;
-        let status = done.status.checked_sub(layout::FIRST_STATUS).map(usize::from);
+        let status = done.status.checked_sub(super::layout::FIRST_STATUS).map(usize::from);
         if let Some(count) = status.and_then(|status| counters.requests[done.method as usize].get(status)) {
             count.fetch_add(1, Ordering::Relaxed);
         }

@@ -78,7 +78,7 @@ fn worker(worker: &WorkerView) -> Value {
     let cell = if let Some(cell) = &worker.cell {
         cell
     } else {
-        empty = super::layout::zeroed::<WorkerCell<u64>>();
+        empty = super::words::zeroed::<WorkerCell<u64>>();
         &empty
     };
     let counters = &cell.counters;
@@ -143,12 +143,13 @@ fn worker(worker: &WorkerView) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::layout::{self, FIRST_STATUS};
+    use crate::metrics::layout::FIRST_STATUS;
     use crate::metrics::model::Method;
+    use crate::metrics::words;
 
     #[test]
     fn has_uwsgis_keys_in_uwsgis_order() {
-        let mut cell = layout::zeroed::<WorkerCell<u64>>();
+        let mut cell = words::zeroed::<WorkerCell<u64>>();
         cell.counters.requests[Method::Get as usize][usize::from(200 - FIRST_STATUS)] = 4;
         cell.counters.request_duration.buckets[0] = 4;
         cell.counters.request_duration.sum_nanos = 8_000_000;
