@@ -1,0 +1,222 @@
+//! Starting workers: the command (this very binary, re-executed), what happens between fork and exec, the
+//! task that relays what a worker says and its exit, and signalling a worker by a pid that is surely its.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use super::contract::{
+    dup_above, handoff_floor, CONFIG_ENV, FIRST_INHERITED_FD, LISTEN_FDS_ENV, MASTER_PID_ENV,
+    METRICS_CELL_ENV, METRICS_FD_ENV, READY_FD_ENV, SAYS_HARAKIRI, SAYS_MAX_REQUESTS, SAYS_READY,
+    WORKER_ID_ENV,
+};
+use super::lifecycle::{Retirement, Worker, HEALTHY_LIFETIME, RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_MIN};
+use super::{Event, MasterError, Supervisor};
+
+/// `/proc/self/exe`: the binary this process runs, even once the file was replaced or removed.
+pub(super) const RUNNING_EXECUTABLE: &str = "/proc/self/exe";
+
+impl Supervisor<'_> {
+    /// Starts a worker for `slot`, with a task relaying what it says and when it exits. Returns its pid.
+    pub(super) fn spawn(&mut self, slot: usize) -> Result<WorkerPid, MasterError> {
+        let fail = |source: io::Error| MasterError::Spawn { slot, source };
+        let (master_end, worker_end) = UnixStream::pair().map_err(fail)?;
+        let worker_end =
+            dup_above(worker_end.as_raw_fd(), handoff_floor(self.handoff.len())).map_err(fail)?;
+        let sources: Vec<RawFd> = self.handoff.iter().map(AsRawFd::as_raw_fd).collect();
+        let control_source = worker_end.as_raw_fd();
+        let control_target = FIRST_INHERITED_FD + RawFd::try_from(sources.len()).unwrap_or(RawFd::MAX - 1);
+        let metrics_target = control_target + 1;
+        let cell = self.books.as_mut().and_then(|(books, _)| books.spawned(slot));
+        let metrics_source = self.books.as_ref().map(|(_, fd)| fd.as_raw_fd()).filter(|_| cell.is_some());
+        // The running binary itself, even if a package upgrade replaced the file on disk since: a worker
+        // must run the master's code. argv[0] stays what the master was started as, for `ps`.
+        let mut command = std::process::Command::new(RUNNING_EXECUTABLE);
+        command
+            .arg0(std::env::args_os().next().unwrap_or_else(|| "oxwsgi".into()))
+            .args(std::env::args_os().skip(1))
+            .env(MASTER_PID_ENV, std::process::id().to_string())
+            .env(CONFIG_ENV, &self.config_json)
+            .env(WORKER_ID_ENV, slot.to_string())
+            .env(LISTEN_FDS_ENV, sources.len().to_string())
+            .env(READY_FD_ENV, control_target.to_string())
+            .env_remove(METRICS_FD_ENV)
+            .env_remove(METRICS_CELL_ENV)
+            // Only the master talks to systemd.
+            .env_remove("NOTIFY_SOCKET")
+            // Workers are not in the terminal's foreground group: a read of stdin would stop them.
+            .stdin(std::process::Stdio::null());
+        if let Some(cell) = cell {
+            command.env(METRICS_FD_ENV, metrics_target.to_string()).env(METRICS_CELL_ENV, cell.to_string());
+        }
+        // SAFETY: getpid has no preconditions.
+        let master_pid = unsafe { libc::getpid() };
+        // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
+        // async-signal-safe, and touches no memory but its own copies of the descriptor numbers.
+        unsafe {
+            command.pre_exec(move || {
+                for (target, &source) in (FIRST_INHERITED_FD..).zip(&sources) {
+                    if libc::dup2(source, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if libc::dup2(control_source, control_target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(source) = metrics_source {
+                    if libc::dup2(source, metrics_target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                // A worker must not outlive its master (killed with SIGKILL, say): it stops gracefully.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The master may have died before the line above took effect.
+                if libc::getppid() != master_pid {
+                    return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+                }
+                // Out of the terminal's process group: Ctrl-C reaches the master alone, which stops the
+                // workers gracefully (a worker seeing both Ctrl-C and the master's SIGTERM would take the
+                // second signal as "stop now").
+                if libc::setpgid(0, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = tokio::process::Command::from(command).kill_on_drop(false).spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(err) => {
+                if let Some((books, _)) = &mut self.books {
+                    books.exited(cell);
+                }
+                return Err(fail(err));
+            }
+        };
+        drop(worker_end);
+        let Some(pid) = WorkerPid::of(&child) else {
+            if let Some((books, _)) = &mut self.books {
+                books.exited(cell);
+            }
+            return Err(fail(io::Error::other("the worker exited before its pid was read")));
+        };
+        let worker = Worker {
+            slot,
+            started: Instant::now(),
+            spawned_at: SystemTime::now(),
+            ready: false,
+            replaced_by: None,
+            retiring: false,
+            pending: None,
+            retirement: None,
+            cell,
+        };
+        self.workers.insert(pid, worker);
+        info!("worker {slot} started (pid {pid})");
+        master_end.set_nonblocking(true).map_err(fail)?;
+        let control = tokio::net::UnixStream::from_std(master_end).map_err(fail)?;
+        tokio::spawn(watch_worker(pid, child, control, self.events.clone()));
+        Ok(pid)
+    }
+
+    /// Starts a worker for `slot`; if that fails (fork limits, ...), tries again after the back-off rather
+    /// than leaving the slot empty.
+    pub(super) fn spawn_or_retry(&mut self, slot: usize) {
+        if let Err(err) = self.spawn(slot) {
+            error!("{err}");
+            self.respawn_later(slot, Duration::ZERO);
+        }
+    }
+
+    /// Replaces the worker of `slot` — at once if it had been healthy, after a growing delay if it keeps
+    /// dying young.
+    pub(super) fn respawn_later(&mut self, slot: usize, lifetime: Duration) {
+        let delay = if lifetime >= HEALTHY_LIFETIME {
+            self.backoff = RESPAWN_BACKOFF_MIN;
+            Duration::ZERO
+        } else {
+            let delay = self.backoff;
+            self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
+            delay
+        };
+        if !delay.is_zero() {
+            info!("worker {slot} died {lifetime:?} after starting; replacing it in {delay:?}");
+        }
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::Respawn { slot }).await;
+        });
+    }
+}
+
+/// Passes on what worker `pid` says on its control socket, then its exit.
+pub(super) async fn watch_worker(
+    pid: WorkerPid,
+    mut child: tokio::process::Child,
+    mut control: tokio::net::UnixStream,
+    events: mpsc::Sender<Event>,
+) {
+    let mut message = [0u8; 1];
+    // Each message means a state the worker reached; one saying it again changes nothing.
+    let mut said = Vec::with_capacity(3);
+    let status = loop {
+        tokio::select! {
+            read = control.read(&mut message) => match read {
+                Ok(1) if said.contains(&message[0]) => {}
+                Ok(1) => {
+                    let event = match message[0] {
+                        SAYS_READY => Event::Ready { pid },
+                        SAYS_MAX_REQUESTS => Event::Retire { pid, reason: Retirement::MaxRequests },
+                        SAYS_HARAKIRI => Event::Harakiri { pid },
+                        _ => continue,
+                    };
+                    said.push(message[0]);
+                    let _ = events.send(event).await;
+                }
+                // The worker closed its end (it is exiting): only its exit status is left to wait for.
+                _ => break child.wait().await,
+            },
+            status = child.wait() => break status,
+        }
+    };
+    let _ = events.send(Event::Exited { pid, status }).await;
+}
+
+pub(super) fn send_signal(pid: WorkerPid, signal: libc::c_int) {
+    // SAFETY: kill(2) with the pid of one of our children (positive: never a process group) and a valid
+    // signal number.
+    unsafe { libc::kill(pid.0.get(), signal) };
+}
+
+/// A worker's process id. Always positive: `kill(2)` takes 0 for the master's own process group and -1 for
+/// every process it may signal, so a pid that is not a real child's cannot be made into one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WorkerPid(std::num::NonZeroI32);
+
+impl WorkerPid {
+    /// The pid of a child just spawned; `None` if it has already been reaped (it has none any more).
+    fn of(child: &tokio::process::Child) -> Option<Self> {
+        let pid = libc::pid_t::try_from(child.id()?).ok().filter(|&pid| pid > 0)?;
+        std::num::NonZeroI32::new(pid).map(Self)
+    }
+
+    pub(crate) fn get(self) -> u32 {
+        self.0.get().unsigned_abs()
+    }
+}
+
+impl fmt::Display for WorkerPid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
