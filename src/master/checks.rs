@@ -48,7 +48,7 @@ impl Supervisor<'_> {
         let due: Vec<(WorkerPid, Retirement)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
+            .filter(|(_, w)| w.phase.replaceable())
             .filter_map(|(&pid, w)| {
                 // A retirement whose replacement failed (--max-requests is asked for only once).
                 if let Some((reason, _)) = w.pending {

@@ -66,11 +66,7 @@ pub(super) struct Worker {
     pub(super) started: Instant,
     /// The same moment on the wall clock, for the stats' `last_spawn`.
     pub(super) spawned_at: SystemTime,
-    pub(super) ready: bool,
-    /// A replacement is starting (its pid): this one stops once that one is ready.
-    pub(super) replaced_by: Option<WorkerPid>,
-    /// Told to stop: its exit is expected.
-    pub(super) retiring: bool,
+    pub(super) phase: Phase,
     /// Due for replacement (for this reason) but its last replacement failed to start: tried again, from
     /// `retry_at` on, with the back-off, so a broken app on disk is not re-imported every second.
     pub(super) pending: Option<(Retirement, Instant)>,
@@ -82,12 +78,109 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn state(&self) -> WorkerState {
-        if self.retiring {
-            WorkerState::Retiring
-        } else if self.ready {
-            WorkerState::Ready
-        } else {
-            WorkerState::Starting
+        self.phase.state()
+    }
+}
+
+/// Where a worker is in its life. Every change goes through one of the pure transitions below, which the
+/// supervisor calls on events (a worker's message, its exit, a signal, a check) and which the tests drive
+/// without processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Started, not yet accepting. `reload_when_ready`: a SIGHUP came meanwhile (it may have imported the
+    /// code before it), so it is replaced as soon as it is ready.
+    Starting { reload_when_ready: bool },
+    /// Accepting, the one worker of its slot.
+    Serving,
+    /// Accepting while its successor (`by`) starts; it stops once that one is ready.
+    Replaced { by: WorkerPid },
+    /// Told to stop, or doomed by harakiri: its exit is expected.
+    Retiring,
+}
+
+/// What a worker's exit means, from the phase it was in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exit {
+    /// It was told to stop: counted under its retirement's reason.
+    Retired,
+    /// It never became ready: the app does not load (fatal for the first generation).
+    FailedToStart,
+    /// It died while serving; `successor` already starting takes its place, or a new one is started.
+    Crashed { successor: Option<WorkerPid> },
+}
+
+impl Phase {
+    pub(super) const STARTING: Self = Self::Starting { reload_when_ready: false };
+
+    pub(super) fn state(self) -> WorkerState {
+        match self {
+            Self::Starting { .. } => WorkerState::Starting,
+            Self::Serving | Self::Replaced { .. } => WorkerState::Ready,
+            Self::Retiring => WorkerState::Retiring,
+        }
+    }
+
+    /// Taking connections (its slot counts as filled).
+    pub(super) fn accepting(self) -> bool {
+        matches!(self, Self::Serving | Self::Replaced { .. })
+    }
+
+    /// Ready and alone in its slot: the one phase a replacement (reload, recycling) starts from.
+    pub(super) fn replaceable(self) -> bool {
+        self == Self::Serving
+    }
+
+    /// The worker said it is ready. `true`: a reload came while it started, replace it now.
+    pub(super) fn on_ready(self) -> (Self, bool) {
+        match self {
+            Self::Starting { reload_when_ready } => (Self::Serving, reload_when_ready),
+            other => (other, false),
+        }
+    }
+
+    /// SIGHUP: one still starting is replaced once ready (one serving is replaced by the caller now).
+    pub(super) fn on_reload(self) -> Self {
+        match self {
+            Self::Starting { .. } => Self::Starting { reload_when_ready: true },
+            other => other,
+        }
+    }
+
+    /// Its successor `by` was started.
+    pub(super) fn on_successor_started(self, by: WorkerPid) -> Self {
+        match self {
+            Self::Serving => Self::Replaced { by },
+            other => other,
+        }
+    }
+
+    /// Its successor exited before it was ready: it keeps serving.
+    pub(super) fn on_successor_failed(self) -> Self {
+        match self {
+            Self::Replaced { .. } => Self::Serving,
+            other => other,
+        }
+    }
+
+    /// Told to stop (its successor is ready, or the master stops): from any phase.
+    #[allow(clippy::unused_self)] // a transition like the others, though every phase leads to the same one
+    pub(super) fn on_stop(self) -> Self {
+        Self::Retiring
+    }
+
+    /// A request outlived `--harakiri`: it is doomed. `true` if it already has a successor (it was on its
+    /// way out), so none is started.
+    pub(super) fn on_harakiri(self) -> (Self, bool) {
+        (Self::Retiring, matches!(self, Self::Retiring | Self::Replaced { .. }))
+    }
+
+    /// It exited.
+    pub(super) fn on_exit(self) -> Exit {
+        match self {
+            Self::Retiring => Exit::Retired,
+            Self::Starting { .. } => Exit::FailedToStart,
+            Self::Serving => Exit::Crashed { successor: None },
+            Self::Replaced { by } => Exit::Crashed { successor: Some(by) },
         }
     }
 }
@@ -95,18 +188,20 @@ impl Worker {
 impl Supervisor<'_> {
     pub(super) fn on_ready(&mut self, pid: WorkerPid) {
         let Some(worker) = self.workers.get_mut(&pid) else { return };
-        worker.ready = true;
+        let (phase, reload_now) = worker.phase.on_ready();
+        worker.phase = phase;
         info!("worker {} (pid {pid}) ready", worker.slot);
         // The replacement accepts: now the worker it replaces stops accepting and finishes its requests.
-        let replaced = self.workers.iter().find(|(_, w)| w.replaced_by == Some(pid)).map(|(&old, _)| old);
+        let replaced =
+            self.workers.iter().find(|(_, w)| w.phase == Phase::Replaced { by: pid }).map(|(&old, _)| old);
         if let Some(old) = replaced {
             self.stop_worker(old);
         }
-        if self.reload_when_ready.remove(&pid) {
+        if reload_now {
             self.retire(pid, Retirement::Reload);
         }
         let ready_slots: std::collections::HashSet<usize> =
-            self.workers.values().filter(|w| w.ready && !w.retiring).map(|w| w.slot).collect();
+            self.workers.values().filter(|w| w.phase.accepting()).map(|w| w.slot).collect();
         if !self.started && ready_slots.len() == self.config.processes.workers.get() {
             self.started = true;
             info!("master ready: {} workers", self.config.processes.workers);
@@ -118,7 +213,7 @@ impl Supervisor<'_> {
     pub(super) fn retire(&mut self, pid: WorkerPid, reason: Retirement) {
         let Some(worker) = self.workers.get(&pid) else { return };
         let backing_off = worker.pending.is_some_and(|(_, retry_at)| Instant::now() < retry_at);
-        if worker.retiring || worker.replaced_by.is_some() || !worker.ready || backing_off {
+        if !worker.phase.replaceable() || backing_off {
             return;
         }
         let slot = worker.slot;
@@ -126,7 +221,7 @@ impl Supervisor<'_> {
         match self.spawn(slot) {
             Ok(new) => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
-                    worker.replaced_by = Some(new);
+                    worker.phase = worker.phase.on_successor_started(new);
                     worker.retirement = Some(reason.into());
                     // A failed reload is not retried on its own: the operator fixes the code and sends
                     // SIGHUP again. Recycling is retried.
@@ -148,9 +243,8 @@ impl Supervisor<'_> {
             books.harakiri(slot);
         }
         // A worker already on its way out (reload, recycling) has its successor: none is needed.
-        let successor_exists = worker.retiring || worker.replaced_by.is_some();
-        worker.retiring = true;
-        worker.replaced_by = None;
+        let (phase, successor_exists) = worker.phase.on_harakiri();
+        worker.phase = phase;
         error!(
             "harakiri #{} on worker {slot} (pid {pid}): killing it in {HARAKIRI_GRACE:?}",
             self.harakiri_count
@@ -167,21 +261,21 @@ impl Supervisor<'_> {
     }
 
     pub(super) fn reload(&mut self) {
-        let current: Vec<WorkerPid> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.ready && !w.retiring && w.replaced_by.is_none())
-            .map(|(&pid, _)| pid)
-            .collect();
+        let current: Vec<WorkerPid> =
+            self.workers.iter().filter(|(_, w)| w.phase.replaceable()).map(|(&pid, _)| pid).collect();
         // Workers still starting (a replacement, a respawn) may have imported the code before this SIGHUP:
         // they are replaced too, as soon as they are ready.
-        let starting: Vec<WorkerPid> =
-            self.workers.iter().filter(|(_, w)| !w.ready).map(|(&pid, _)| pid).collect();
+        let mut starting = 0;
+        for worker in self.workers.values_mut() {
+            if let Phase::Starting { .. } = worker.phase {
+                worker.phase = worker.phase.on_reload();
+                starting += 1;
+            }
+        }
         info!(
             "SIGHUP received: replacing {} workers with ones that load the app anew",
-            current.len() + starting.len()
+            current.len() + starting
         );
-        self.reload_when_ready.extend(starting);
         for pid in current {
             self.retire(pid, Retirement::Reload);
         }
@@ -192,46 +286,59 @@ impl Supervisor<'_> {
         pid: WorkerPid,
         status: &io::Result<ExitStatus>,
     ) -> Result<(), MasterError> {
-        self.reload_when_ready.remove(&pid);
         let Some(worker) = self.forget(pid) else { return Ok(()) };
         let (slot, how) = (worker.slot, describe_exit(status));
-        if worker.retiring {
-            info!("worker {slot} (pid {pid}) retired: it {how}");
-            if let Some(reason) = worker.retirement {
-                self.count_restart(reason);
-            }
-            return Ok(());
-        }
-        if !worker.ready {
-            error!("worker {slot} (pid {pid}) could not start: it {how}");
-            let replaced = self.workers.values_mut().find(|w| w.replaced_by == Some(pid));
-            if let Some(old) = replaced {
-                // A broken reload keeps the old code serving; recycling is tried again after the back-off.
-                old.replaced_by = None;
-                let retry_at = Instant::now() + self.backoff;
-                old.pending = old.pending.map(|(reason, _)| (reason, retry_at));
-                self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
-                warn!("worker {slot} keeps running the code it loaded before");
+        let successor = match worker.phase.on_exit() {
+            Exit::Retired => {
+                info!("worker {slot} (pid {pid}) retired: it {how}");
+                if let Some(reason) = worker.retirement {
+                    self.count_restart(reason);
+                }
                 return Ok(());
             }
-            if self.started {
-                self.count_restart(RestartReason::Crash);
-                self.respawn_later(slot, worker.started.elapsed());
-                return Ok(());
+            Exit::Crashed { successor } => successor,
+            Exit::FailedToStart => {
+                return self.failed_to_start(pid, &worker, how).await;
             }
-            self.signal_all(libc::SIGTERM);
-            self.wait_all(self.config.server.graceful_timeout).await;
-            return Err(MasterError::FirstStart { slot, how });
-        }
+        };
         warn!("worker {slot} (pid {pid}) {how}; starting a new one");
         self.count_restart(RestartReason::Crash);
-        if let Some(replacement) = worker.replaced_by {
+        if let Some(replacement) = successor {
             // Its replacement is already starting: that one takes the place.
             info!("worker {slot}'s replacement (pid {replacement}) takes its place");
             return Ok(());
         }
         self.respawn_later(slot, worker.started.elapsed());
         Ok(())
+    }
+
+    /// Worker `pid` exited before it was ready.
+    async fn failed_to_start(
+        &mut self,
+        pid: WorkerPid,
+        worker: &Worker,
+        how: String,
+    ) -> Result<(), MasterError> {
+        let slot = worker.slot;
+        error!("worker {slot} (pid {pid}) could not start: it {how}");
+        let replaced = self.workers.values_mut().find(|w| w.phase == Phase::Replaced { by: pid });
+        if let Some(old) = replaced {
+            // A broken reload keeps the old code serving; recycling is tried again after the back-off.
+            old.phase = old.phase.on_successor_failed();
+            let retry_at = Instant::now() + self.backoff;
+            old.pending = old.pending.map(|(reason, _)| (reason, retry_at));
+            self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
+            warn!("worker {slot} keeps running the code it loaded before");
+            return Ok(());
+        }
+        if self.started {
+            self.count_restart(RestartReason::Crash);
+            self.respawn_later(slot, worker.started.elapsed());
+            return Ok(());
+        }
+        self.signal_all(libc::SIGTERM);
+        self.wait_all(self.config.server.graceful_timeout).await;
+        Err(MasterError::FirstStart { slot, how })
     }
 
     /// Removes an exited worker; its metrics cell joins the totals.
@@ -251,8 +358,7 @@ impl Supervisor<'_> {
 
     pub(super) fn stop_worker(&mut self, pid: WorkerPid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
-            worker.retiring = true;
-            worker.replaced_by = None;
+            worker.phase = worker.phase.on_stop();
             send_signal(pid, libc::SIGTERM);
         }
     }
@@ -284,6 +390,99 @@ impl Supervisor<'_> {
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STARTING: Phase = Phase::STARTING;
+
+    fn successor() -> WorkerPid {
+        WorkerPid::fake(4242)
+    }
+
+    #[test]
+    fn a_worker_starts_then_serves() {
+        assert_eq!(STARTING.state(), WorkerState::Starting);
+        assert!(!STARTING.accepting() && !STARTING.replaceable());
+        let (serving, reload_now) = STARTING.on_ready();
+        assert_eq!((serving, reload_now), (Phase::Serving, false));
+        assert_eq!(serving.state(), WorkerState::Ready);
+        assert!(serving.accepting() && serving.replaceable());
+        // Saying it again changes nothing.
+        assert_eq!(serving.on_ready(), (Phase::Serving, false));
+    }
+
+    #[test]
+    fn a_reload_while_starting_replaces_it_once_ready() {
+        let doomed = STARTING.on_reload();
+        assert_eq!(doomed, Phase::Starting { reload_when_ready: true });
+        assert_eq!(doomed.state(), WorkerState::Starting);
+        assert_eq!(doomed.on_ready(), (Phase::Serving, true));
+        // A reload during a reload: one still starting stays marked once; one serving is the caller's.
+        assert_eq!(doomed.on_reload(), doomed);
+        assert_eq!(Phase::Serving.on_reload(), Phase::Serving);
+    }
+
+    #[test]
+    fn a_replacement_pair_hands_over_only_once_the_successor_is_ready() {
+        let replaced = Phase::Serving.on_successor_started(successor());
+        assert_eq!(replaced, Phase::Replaced { by: successor() });
+        assert!(replaced.accepting(), "it keeps serving while its successor starts");
+        assert!(!replaced.replaceable(), "no second successor");
+        assert_eq!(replaced.state(), WorkerState::Ready);
+        // The successor is ready: this one is told to stop; its exit is then a retirement.
+        let retiring = replaced.on_stop();
+        assert_eq!(retiring.state(), WorkerState::Retiring);
+        assert!(!retiring.accepting());
+        assert_eq!(retiring.on_exit(), Exit::Retired);
+    }
+
+    #[test]
+    fn a_successor_that_fails_to_start_leaves_the_old_one_serving() {
+        let replaced = Phase::Serving.on_successor_started(successor());
+        assert_eq!(replaced.on_successor_failed(), Phase::Serving);
+        assert_eq!(STARTING.on_exit(), Exit::FailedToStart, "the successor's own exit");
+        // Only a replaced worker goes back to serving.
+        assert_eq!(Phase::Retiring.on_successor_failed(), Phase::Retiring);
+    }
+
+    #[test]
+    fn only_a_serving_worker_gets_a_successor() {
+        for phase in [STARTING, Phase::Replaced { by: successor() }, Phase::Retiring] {
+            assert_eq!(phase.on_successor_started(successor()), phase, "{phase:?}");
+            assert!(!phase.replaceable(), "{phase:?}");
+        }
+    }
+
+    #[test]
+    fn harakiri_needs_a_successor_only_for_a_worker_not_already_leaving() {
+        assert_eq!(Phase::Serving.on_harakiri(), (Phase::Retiring, false));
+        assert_eq!(Phase::Replaced { by: successor() }.on_harakiri(), (Phase::Retiring, true));
+        // Harakiri while retiring: its successor is already there.
+        assert_eq!(Phase::Retiring.on_harakiri(), (Phase::Retiring, true));
+        assert_eq!(Phase::Serving.on_harakiri().0.on_exit(), Exit::Retired);
+    }
+
+    #[test]
+    fn an_exit_means_what_the_phase_says() {
+        assert_eq!(Phase::Serving.on_exit(), Exit::Crashed { successor: None });
+        assert_eq!(
+            Phase::Replaced { by: successor() }.on_exit(),
+            Exit::Crashed { successor: Some(successor()) },
+            "a crash while replaced: the successor takes the place"
+        );
+        assert_eq!(Phase::Starting { reload_when_ready: true }.on_exit(), Exit::FailedToStart);
+        assert_eq!(Phase::Retiring.on_exit(), Exit::Retired);
+    }
+
+    #[test]
+    fn a_stop_retires_a_worker_in_any_phase() {
+        for phase in [STARTING, Phase::Serving, Phase::Replaced { by: successor() }, Phase::Retiring] {
+            assert_eq!(phase.on_stop().on_exit(), Exit::Retired, "{phase:?}");
         }
     }
 }

@@ -158,8 +158,6 @@ struct Supervisor<'a> {
     backoff: Duration,
     /// Harakiri kills so far (logged with each; the metrics issue exports it).
     harakiri_count: u64,
-    /// Workers that were starting when a SIGHUP came: replaced once they are ready.
-    reload_when_ready: std::collections::HashSet<WorkerPid>,
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
@@ -195,7 +193,6 @@ impl<'a> Supervisor<'a> {
             query_sender,
             workers: HashMap::new(),
             harakiri_count: 0,
-            reload_when_ready: std::collections::HashSet::new(),
             events,
             inbox,
             backoff,

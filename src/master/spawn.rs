@@ -17,7 +17,9 @@ use super::contract::{
     METRICS_CELL_ENV, METRICS_FD_ENV, READY_FD_ENV, SAYS_HARAKIRI, SAYS_MAX_REQUESTS, SAYS_READY,
     WORKER_ID_ENV,
 };
-use super::lifecycle::{Retirement, Worker, HEALTHY_LIFETIME, RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_MIN};
+use super::lifecycle::{
+    Phase, Retirement, Worker, HEALTHY_LIFETIME, RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_MIN,
+};
 use super::{Event, MasterError, Supervisor};
 
 /// `/proc/self/exe`: the binary this process runs, even once the file was replaced or removed.
@@ -113,9 +115,7 @@ impl Supervisor<'_> {
             slot,
             started: Instant::now(),
             spawned_at: SystemTime::now(),
-            ready: false,
-            replaced_by: None,
-            retiring: false,
+            phase: Phase::STARTING,
             pending: None,
             retirement: None,
             cell,
@@ -212,6 +212,14 @@ impl WorkerPid {
 
     pub(crate) fn get(self) -> u32 {
         self.0.get().unsigned_abs()
+    }
+}
+
+#[cfg(test)]
+impl WorkerPid {
+    /// A pid for tests of the lifecycle, which never signal it.
+    pub(super) fn fake(pid: i32) -> Self {
+        Self(std::num::NonZeroI32::new(pid).expect("a positive test pid"))
     }
 }
 
