@@ -6,8 +6,10 @@
 //!   [`config::owner`]).
 //! - [`deploy`]: what running under an init system needs at run time: systemd notification, pidfile,
 //!   privilege drop, limits.
-//! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them.
-//! - [`metrics`]: what workers count in shared memory, and the master's `/metrics` and `--stats`.
+//! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them: the
+//!   master↔worker contract, spawning, each worker's lifecycle (a tested state machine), periodic checks.
+//! - [`metrics`]: what workers count in shared memory (label model, word layout, the unsafe word views in
+//!   one module), and the master's `/metrics` and `--stats`.
 //! - [`server`]: sockets — binding or adopting them (systemd, the master), the serving threads' accept and
 //!   read, the response out, and the tokio runtime for connections that wait. No pyo3.
 //! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.

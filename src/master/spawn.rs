@@ -140,14 +140,8 @@ impl Supervisor<'_> {
     /// Replaces the worker of `slot` — at once if it had been healthy, after a growing delay if it keeps
     /// dying young.
     pub(super) fn respawn_later(&mut self, slot: usize, lifetime: Duration) {
-        let delay = if lifetime >= HEALTHY_LIFETIME {
-            self.backoff = RESPAWN_BACKOFF_MIN;
-            Duration::ZERO
-        } else {
-            let delay = self.backoff;
-            self.backoff = (self.backoff * 2).min(RESPAWN_BACKOFF_MAX);
-            delay
-        };
+        let (delay, backoff) = respawn_delay(self.backoff, lifetime);
+        self.backoff = backoff;
         if !delay.is_zero() {
             info!("worker {slot} died {lifetime:?} after starting; replacing it in {delay:?}");
         }
@@ -156,6 +150,18 @@ impl Supervisor<'_> {
             tokio::time::sleep(delay).await;
             let _ = events.send(Event::Respawn { slot }).await;
         });
+    }
+}
+
+/// How long to wait before replacing a worker that died after `lifetime`, and the back-off for the next
+/// one: at once after a healthy life (and the back-off starts over), else the current back-off, doubled
+/// for next time up to [`RESPAWN_BACKOFF_MAX`], so an app that crashes at start is not re-imported in a
+/// tight loop.
+pub(super) fn respawn_delay(backoff: Duration, lifetime: Duration) -> (Duration, Duration) {
+    if lifetime >= HEALTHY_LIFETIME {
+        (Duration::ZERO, RESPAWN_BACKOFF_MIN)
+    } else {
+        (backoff, (backoff * 2).min(RESPAWN_BACKOFF_MAX))
     }
 }
 
@@ -226,5 +232,29 @@ impl WorkerPid {
 impl fmt::Display for WorkerPid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn respawns_back_off_while_workers_die_young_and_start_over_after_a_healthy_one() {
+        let young = HEALTHY_LIFETIME / 2;
+        let mut backoff = RESPAWN_BACKOFF_MIN;
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            let (delay, next) = respawn_delay(backoff, young);
+            delays.push(delay);
+            backoff = next;
+        }
+        assert_eq!(delays[0], RESPAWN_BACKOFF_MIN);
+        assert!(
+            delays.windows(2).all(|pair| pair[1] == (pair[0] * 2).min(RESPAWN_BACKOFF_MAX)),
+            "{delays:?}"
+        );
+        assert_eq!(delays.last(), Some(&RESPAWN_BACKOFF_MAX), "capped");
+        assert_eq!(respawn_delay(backoff, HEALTHY_LIFETIME), (Duration::ZERO, RESPAWN_BACKOFF_MIN));
     }
 }
