@@ -5,10 +5,10 @@
 //! each worker is a fresh `exec` of `oxwsgi`, told by environment variables that it is worker N, which
 //! descriptors hold its sockets and what the master's config is. No pyo3 here.
 //!
-//! - [`contract`]: what a master hands a worker and what the worker says back.
-//! - [`spawn`]: starting a worker and relaying what it says and its exit.
-//! - [`lifecycle`]: starting → ready → retiring → exited, and the replacements.
-//! - [`checks`]: recycling limits and full listen queues, every second.
+//! - `contract`: what a master hands a worker and what the worker says back.
+//! - `spawn`: starting a worker and relaying what it says and its exit.
+//! - `lifecycle`: starting → ready → retiring → exited, and the replacements.
+//! - `checks`: recycling limits and full listen queues, every second.
 //! - here: [`run`], the supervisor's state and its loop, the endpoints' answers.
 
 mod checks;
