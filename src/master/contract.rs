@@ -166,7 +166,7 @@ impl Control {
     }
 
     /// A request outlived `--harakiri`: the master starts a replacement at once and kills this worker after
-    /// [`HARAKIRI_GRACE`], time enough to log where the request is stuck.
+    /// [`HARAKIRI_GRACE`](super::lifecycle::HARAKIRI_GRACE), time enough to log where the request is stuck.
     pub fn harakiri(&self) {
         self.say(SAYS_HARAKIRI, "about the harakiri");
     }

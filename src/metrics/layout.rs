@@ -1,7 +1,7 @@
 //! What one worker counts, laid out as plain 64-bit words so it can live in shared memory: written with
 //! atomics by the worker, read (and summed over workers) by the master.
 //!
-//! Every type here is declared with [`word_struct!`](super::words::word_struct): `#[repr(C)]` and made only
+//! Every type here is declared with `word_struct!`: `#[repr(C)]` and made only
 //! of its word type `W` (checked at compile time), so a snapshot is a word-by-word copy and folding a dead
 //! worker into the totals is a word-by-word sum, with no field that could be forgotten. All-zero bytes are a
 //! valid, empty value.

@@ -1,7 +1,7 @@
 //! Metrics structs as plain words: every struct the workers count into is `#[repr(C)]` and made only of
 //! its word type `W` — `AtomicU64` in shared memory, `u64` in a snapshot — so a snapshot is a word-by-word
 //! copy and folding a dead worker into the totals a word-by-word sum. This module is the only place that
-//! views such a struct as a slice of words (the unsafe part), and [`word_struct!`] the only way to declare
+//! views such a struct as a slice of words (the unsafe part), and `word_struct!` the only way to declare
 //! one: it checks at compile time that the struct is nothing but words.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ mod sealed {
 /// A struct that is nothing but words: `#[repr(C)]`, every field a `W` or an array or struct of them.
 ///
 /// # Safety
-/// Implement only for such types — through [`word_struct!`], which checks it: then there is no padding,
+/// Implement only for such types — through `word_struct!`, which checks it: then there is no padding,
 /// all-zero bytes are a valid value, and the value can be viewed as a slice of `u64` or `AtomicU64`.
 pub unsafe trait Words {}
 
