@@ -9,6 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::unistd::{self, Gid, Uid};
 use tracing::{info, warn};
 
@@ -96,18 +97,11 @@ pub fn check_backlog(backlog: u32) {
 /// every connection holds a descriptor, idle and slow ones included, and the usual soft default (1024) is a
 /// few hundred idle clients away. Returns the limit in force.
 pub fn raise_open_files_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit fills a valid rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } < 0 {
-        return Err(io::Error::last_os_error());
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        // Raising the soft limit up to the hard one is always allowed.
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        return Ok(hard);
     }
-    if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-        // SAFETY: setrlimit reads a valid rlimit; raising the soft limit up to the hard one is always allowed.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(raised.rlim_cur);
-    }
-    Ok(limit.rlim_cur)
+    Ok(soft)
 }

@@ -89,8 +89,7 @@ impl Inherited {
         else {
             return Ok(None);
         };
-        // SAFETY: getppid has no preconditions.
-        let parent = usize::try_from(unsafe { libc::getppid() }).ok();
+        let parent = usize::try_from(nix::unistd::getppid().as_raw()).ok();
         if parent != Some(master) {
             return Err(HandoffError::ForAnotherProcess { master });
         }

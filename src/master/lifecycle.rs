@@ -7,6 +7,7 @@ use std::io;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
 use super::spawn::{send_signal, WorkerPid};
@@ -336,7 +337,7 @@ impl Supervisor<'_> {
             self.respawn_later(slot, worker.started.elapsed());
             return Ok(());
         }
-        self.signal_all(libc::SIGTERM);
+        self.signal_all(Signal::SIGTERM);
         self.wait_all(self.config.server.graceful_timeout).await;
         Err(MasterError::FirstStart { slot, how })
     }
@@ -359,11 +360,11 @@ impl Supervisor<'_> {
     pub(super) fn stop_worker(&mut self, pid: WorkerPid) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.phase = worker.phase.on_stop();
-            send_signal(pid, libc::SIGTERM);
+            send_signal(pid, Signal::SIGTERM);
         }
     }
 
-    pub(super) fn signal_all(&self, signal: libc::c_int) {
+    pub(super) fn signal_all(&self, signal: Signal) {
         for &pid in self.workers.keys() {
             send_signal(pid, signal);
         }
@@ -380,12 +381,12 @@ impl Supervisor<'_> {
                     }
                 }
                 Ok(Some(Event::Kill { pid })) if self.workers.contains_key(&pid) => {
-                    send_signal(pid, libc::SIGKILL);
+                    send_signal(pid, Signal::SIGKILL);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     warn!("{} workers still running after {limit:?}: killing them", self.workers.len());
-                    self.signal_all(libc::SIGKILL);
+                    self.signal_all(Signal::SIGKILL);
                     self.workers.clear();
                     return;
                 }

@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal as WorkerSignal;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -233,7 +234,7 @@ impl<'a> Supervisor<'a> {
                 _ = interrupt.recv() => break "SIGINT",
                 _ = quit.recv() => {
                     info!("SIGQUIT received: stopping the workers now");
-                    self.signal_all(libc::SIGKILL);
+                    self.signal_all(WorkerSignal::SIGKILL);
                     self.wait_all(KILL_AFTER_GRACE).await;
                     return Ok(());
                 }
@@ -246,7 +247,7 @@ impl<'a> Supervisor<'a> {
         if self.config.server.vacuum {
             crate::socket_file::remove_socket_files(&self.socket_files);
         }
-        self.signal_all(libc::SIGTERM);
+        self.signal_all(WorkerSignal::SIGTERM);
         // The sockets close once the last worker stops accepting: a late client is refused at once (and
         // nginx tries another backend) instead of waiting in a backlog nobody reads, then being reset.
         self.handoff.clear();
@@ -257,7 +258,7 @@ impl<'a> Supervisor<'a> {
         };
         if hurry {
             warn!("stop signal received again: stopping the workers now");
-            self.signal_all(libc::SIGKILL);
+            self.signal_all(WorkerSignal::SIGKILL);
             self.wait_all(KILL_AFTER_GRACE).await;
         }
         Ok(())
@@ -270,7 +271,7 @@ impl<'a> Supervisor<'a> {
             Event::Harakiri { pid } => self.harakiri(pid),
             Event::Kill { pid } => {
                 if self.workers.contains_key(&pid) {
-                    send_signal(pid, libc::SIGKILL);
+                    send_signal(pid, WorkerSignal::SIGKILL);
                 }
             }
             Event::Exited { pid, status } => return self.on_exit(pid, &status).await,

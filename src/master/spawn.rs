@@ -8,6 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{error, info};
@@ -58,8 +60,7 @@ impl Supervisor<'_> {
         if let Some(cell) = cell {
             command.env(METRICS_FD_ENV, metrics_target.to_string()).env(METRICS_CELL_ENV, cell.to_string());
         }
-        // SAFETY: getpid has no preconditions.
-        let master_pid = unsafe { libc::getpid() };
+        let master_pid = nix::unistd::getpid().as_raw();
         // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
         // async-signal-safe, and touches no memory but its own copies of the descriptor numbers.
         unsafe {
@@ -198,10 +199,10 @@ pub(super) async fn watch_worker(
     let _ = events.send(Event::Exited { pid, status }).await;
 }
 
-pub(super) fn send_signal(pid: WorkerPid, signal: libc::c_int) {
-    // SAFETY: kill(2) with the pid of one of our children (positive: never a process group) and a valid
-    // signal number.
-    unsafe { libc::kill(pid.0.get(), signal) };
+/// Signals worker `pid`. A worker that has just exited (and is not reaped yet) makes it fail harmlessly.
+pub(super) fn send_signal(pid: WorkerPid, signal: Signal) {
+    // The pid is positive, so never a process group (`WorkerPid`).
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid.0.get()), signal);
 }
 
 /// A worker's process id. Always positive: `kill(2)` takes 0 for the master's own process group and -1 for

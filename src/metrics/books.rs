@@ -145,10 +145,8 @@ impl Books {
         let view = StatsView {
             version: VERSION,
             pid: std::process::id(),
-            // SAFETY: getuid and getgid cannot fail.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
             cwd: std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
             load,
             listen_queue_errors: self.listen_queue_full,
@@ -208,8 +206,7 @@ pub fn memory(pid: u32) -> Option<Memory> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let mut pages = statm.split_whitespace().map(|field| field.parse::<u64>().ok());
     let (size, resident) = (pages.next()??, pages.next()??);
-    // SAFETY: sysconf has no preconditions.
-    let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let page_size = u64::try_from(nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??).ok()?;
     Some(Memory { size: size * page_size, resident: resident * page_size })
 }
 
