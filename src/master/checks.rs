@@ -9,8 +9,7 @@ use tracing::warn;
 use super::lifecycle::Retirement;
 use super::spawn::WorkerPid;
 use super::Supervisor;
-use crate::metrics::books;
-use crate::metrics::listen_queue::listen_queue;
+use crate::metrics::sys::{listen_queue, memory};
 
 /// How often the master checks memory, lifetimes and the listen queues.
 pub(super) const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -57,9 +56,9 @@ impl Supervisor<'_> {
                 if recycle.max_worker_lifetime.is_some_and(|limit| w.started.elapsed() >= limit) {
                     return Some((pid, Retirement::Lifetime));
                 }
-                let rss = recycle.reload_on_rss.and_then(|limit| {
-                    books::memory(pid.get()).map(|m| m.resident).filter(|&rss| rss > limit)
-                });
+                let rss = recycle
+                    .reload_on_rss
+                    .and_then(|limit| memory(pid.get()).map(|m| m.resident).filter(|&rss| rss > limit));
                 rss.map(|_| (pid, Retirement::Rss))
             })
             .collect();

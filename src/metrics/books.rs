@@ -9,9 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 
 use super::exposition::{self, RestartReason, Scrape, SocketQueue, WorkerState};
-use super::listen_queue::listen_queue;
 use super::region::{Cells, Region};
 use super::stats::{self, StatsView, WorkerView};
+use super::sys::{listen_queue, memory};
 
 /// The oxwsgi version in `build_info` and the stats document.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -191,23 +191,6 @@ fn newest_per_id(workers: &[WorkerInfo]) -> Vec<&WorkerInfo> {
     }
     newest.sort_by_key(|w| w.id);
     newest
-}
-
-/// A process's memory, from `/proc/PID/statm`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Memory {
-    /// Virtual size, bytes.
-    pub size: u64,
-    /// Resident set, bytes.
-    pub resident: u64,
-}
-
-pub fn memory(pid: u32) -> Option<Memory> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let mut pages = statm.split_whitespace().map(|field| field.parse::<u64>().ok());
-    let (size, resident) = (pages.next()??, pages.next()??);
-    let page_size = u64::try_from(nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok()??).ok()?;
-    Some(Memory { size: size * page_size, resident: resident * page_size })
 }
 
 #[cfg(test)]

@@ -6,10 +6,11 @@
 //! - [`layout`]: what a worker counts, as plain words (the cell).
 //! - [`words`]: viewing those structs as words (the only unsafe views), and the compile-time check that
 //!   they are nothing else.
-//! - [`region`]: the shared memory itself, the worker's [`Recorder`] and the master's [`Cells`].
+//! - [`region`]: the shared memory itself and the master's [`Cells`].
+//! - [`recorder`]: the worker's [`Recorder`], what the request path counts through.
 //! - [`exposition`]: the Prometheus text document (pure).
 //! - [`stats`]: the uWSGI stats JSON document (pure).
-//! - [`listen_queue`]: accept-queue depth of a listening socket, from the kernel.
+//! - [`sys`]: what the kernel says: a process's memory, a listening socket's accept queue.
 //! - [`books`]: the master's side: the cells plus what only the master knows, into those documents.
 //! - [`endpoint`]: the master's `/metrics` HTTP endpoint and stats socket.
 
@@ -17,10 +18,12 @@ pub mod books;
 pub mod endpoint;
 pub mod exposition;
 pub mod layout;
-pub mod listen_queue;
 pub mod model;
+pub mod recorder;
 pub mod region;
 pub mod stats;
+pub mod sys;
 pub mod words;
 
-pub use region::{Cells, Recorder, Region, RequestDone};
+pub use recorder::{InFlight, Recorder, RequestDone};
+pub use region::{Cells, Region};

@@ -31,7 +31,7 @@ use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_B
 use super::responder::{Record, Responder};
 use crate::config::{ServerConfig, SocketSpec};
 use crate::metrics::model::ProtocolErrorKind;
-use crate::metrics::region::InFlight;
+use crate::metrics::InFlight;
 use crate::metrics::Recorder;
 
 /// A serving thread's read buffer: the largest vars block nginx sends plus a body up to

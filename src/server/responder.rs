@@ -21,7 +21,7 @@ use super::conn::Conn;
 use super::front::Front;
 use super::request::RequestLine;
 use crate::metrics::model::Method;
-use crate::metrics::region::InFlight;
+use crate::metrics::InFlight;
 use crate::metrics::RequestDone;
 
 /// How long the thread that ran the app waits, in all, for a full socket to take the rest of a complete
