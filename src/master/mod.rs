@@ -37,7 +37,7 @@ use spawn::{send_signal, WorkerPid};
 
 use crate::config::{Config, SocketSpec};
 use crate::metrics::books::{Books, SocketInfo, WorkerInfo};
-use crate::metrics::endpoint::{self, Query, StatsListener};
+use crate::metrics::endpoint::{self, Query};
 use crate::metrics::region::CELLS_PER_WORKER;
 use crate::metrics::Region;
 use crate::server::BoundSocket;
@@ -57,8 +57,8 @@ pub enum MasterError {
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
     /// `--metrics` or `--stats` cannot listen.
-    #[error("cannot listen on {option} {address}: {source}")]
-    Endpoint { option: &'static str, address: String, source: io::Error },
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::BindFailed),
     #[error("cannot start worker {slot}: {source}")]
     Spawn { slot: usize, source: io::Error },
     /// A worker of the first generation exited before it was ready: the app does not load.
@@ -283,29 +283,7 @@ impl<'a> Supervisor<'a> {
     /// Binds `--metrics` and `--stats` and serves them, before any worker starts, so a port already in use
     /// stops the master with one clear line.
     fn start_endpoints(&mut self) -> Result<(), MasterError> {
-        let metrics = &self.config.metrics;
-        if let Some(addr) = metrics.prometheus {
-            let listener = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|source| MasterError::Endpoint {
-                    option: "--metrics",
-                    address: addr.to_string(),
-                    source,
-                })?;
-            info!("metrics at http://{addr}/metrics");
-            tokio::spawn(endpoint::serve_metrics(listener, self.query_sender.clone()));
-        }
-        if let Some(spec) = &metrics.stats {
-            let listener = StatsListener::bind(spec).map_err(|source| MasterError::Endpoint {
-                option: "--stats",
-                address: spec.to_string(),
-                source,
-            })?;
-            info!("uWSGI stats on {spec}");
-            tokio::spawn(endpoint::serve_stats(listener, metrics.stats_http, self.query_sender.clone()));
-        }
-        Ok(())
+        Ok(endpoint::start(&self.config.metrics, &self.query_sender)?)
     }
 
     /// Answers an endpoint with the document it asked for.

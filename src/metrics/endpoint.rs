@@ -14,10 +14,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::exposition::CONTENT_TYPE;
-use crate::config::SocketSpec;
+use crate::config::{MetricsConfig, SocketSpec};
 use crate::socket_file::remove_stale_socket;
 
 /// A scraper gets this long to send its request head and to read the answer; a stuck one must not keep a
@@ -37,6 +37,38 @@ pub enum Query {
     Metrics(oneshot::Sender<Option<String>>),
     /// The uWSGI stats JSON document.
     Stats(oneshot::Sender<String>),
+}
+
+/// An endpoint that cannot listen: which option, on what address, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {option} {address}: {source}")]
+pub struct BindFailed {
+    pub option: &'static str,
+    pub address: String,
+    pub source: io::Error,
+}
+
+/// Binds `--metrics` and `--stats` as `config` asks and serves each on a task of the current runtime,
+/// asking `queries` for the documents.
+pub fn start(config: &MetricsConfig, queries: &mpsc::Sender<Query>) -> Result<(), BindFailed> {
+    if let Some(addr) = config.prometheus {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .map_err(|source| BindFailed { option: "--metrics", address: addr.to_string(), source })?;
+        info!("metrics at http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, queries.clone()));
+    }
+    if let Some(spec) = &config.stats {
+        let listener = StatsListener::bind(spec).map_err(|source| BindFailed {
+            option: "--stats",
+            address: spec.to_string(),
+            source,
+        })?;
+        info!("uWSGI stats on {spec}");
+        tokio::spawn(serve_stats(listener, config.stats_http, queries.clone()));
+    }
+    Ok(())
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
