@@ -5,9 +5,13 @@
 //! A cell outlives its worker: when a worker exits, the master adds its counters into the totals of the
 //! dead ([`Cells::release`]), then zeroes the cell for the next worker, so counters never go backwards.
 
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::{Counters, WorkerCell};
@@ -35,40 +39,25 @@ unsafe impl Sync for Region {}
 impl Region {
     /// A new region of `len` zeroed cells.
     pub fn create(len: usize) -> io::Result<Self> {
-        // SAFETY: the name is a NUL-terminated string; the flags are valid.
-        let fd = unsafe { libc::memfd_create(c"oxwsgi-metrics".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = File::from(memfd_create(c"oxwsgi-metrics", MFdFlags::MFD_CLOEXEC)?);
         let bytes = len.checked_mul(size_of::<LiveCell>()).ok_or(io::ErrorKind::InvalidInput)?;
-        let size = libc::off_t::try_from(bytes).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: ftruncate on a descriptor we own; a memfd grows with zeroed pages.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Self::map(fd, len)
+        // A memfd grows with zeroed pages.
+        file.set_len(u64::try_from(bytes).map_err(|_| io::ErrorKind::InvalidInput)?)?;
+        Self::map(file.into(), len)
     }
 
     /// Maps the region a master created, from its inherited descriptor (checked: its size must be whole
     /// cells).
     pub fn inherit(fd: OwnedFd) -> io::Result<Self> {
-        // SAFETY: fstat fills the struct it is given.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `stat` is a valid out-pointer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut stat) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let bytes = usize::try_from(stat.st_size).map_err(|_| io::ErrorKind::InvalidData)?;
+        let file = File::from(fd);
+        let bytes = usize::try_from(file.metadata()?.len()).map_err(|_| io::ErrorKind::InvalidData)?;
         if bytes == 0 || bytes % size_of::<LiveCell>() != 0 {
             // Another build of oxwsgi made it (the cell layout differs): counting into it would corrupt it.
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the metrics region has another layout"));
         }
         // Close-on-exec from now on, so the app's subprocesses do not inherit it.
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-        Self::map(fd, bytes / size_of::<LiveCell>())
+        fcntl(&file, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+        Self::map(file.into(), bytes / size_of::<LiveCell>())
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
