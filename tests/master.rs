@@ -254,6 +254,31 @@ fn a_second_sighup_during_a_reload_replaces_the_workers_still_starting() {
 }
 
 #[test]
+fn sigterm_during_a_reload_stops_old_and_new_workers_and_finishes_the_request() {
+    // The replacement takes a second to import, so SIGTERM lands while the reload is under way: the old
+    // worker (serving a request) and its replacement (still starting) must both stop, the request finish.
+    let mut server = Server::builder()
+        .app(app_path("workers_app.py"))
+        .env("WORKERS_APP_IMPORT_SECONDS", "1")
+        .args(&["--master"])
+        .start();
+    server.wait_log("master ready");
+    let mut in_flight = sleeping_request(&server, 1500);
+    server.signal("HUP");
+    server.wait_log("replacing worker 1");
+    let workers = children(server.pid());
+    assert_eq!(workers.len(), 2, "the old worker and its replacement; log:\n{}", server.log());
+    let status = server.terminate();
+    assert!(status.success(), "{status}; log:\n{}", server.log());
+    let answer =
+        in_flight.read_to_end_result().unwrap_or_else(|(err, _)| panic!("in-flight request lost: {err}"));
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&answer));
+    for pid in workers {
+        assert!(!is_running(pid), "worker {pid} still running after the master exited");
+    }
+}
+
+#[test]
 fn worker_variables_meant_for_another_process_are_refused() {
     // The variables a master sets for its worker, but naming a process that is not this one's parent: the
     // descriptors they name belong to someone else and must not be taken.
