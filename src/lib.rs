@@ -15,12 +15,11 @@
 //! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads that serve requests
 //!   through [`server`]. The only pyo3 user.
-//! - [`http_head`]: validating and encoding the HTTP response head (pure).
-//! - The wire format itself lives in the `oxwsgi-proto` crate (pure, no I/O).
+//! - The wire format itself — the uwsgi packet in, the HTTP response head out — lives in the
+//!   `oxwsgi-proto` crate (pure, no I/O).
 
 pub mod config;
 pub mod deploy;
-pub mod http_head;
 pub mod master;
 pub mod metrics;
 pub mod server;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use support::{app_path, find, run_to_exit, temp_dir, Addr, Report, RequestBuilder, Response, Server};
 
-/// The 500 answer for an app that failed before sending anything (`INTERNAL_ERROR` in `src/http_head.rs`).
+/// The 500 answer for an app that failed before sending anything (`INTERNAL_ERROR` in `proto/src/response.rs`).
 const INTERNAL_ERROR: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\nInternal Server Error\n";
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nBad Request\n";

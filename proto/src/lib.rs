@@ -13,11 +13,14 @@
 //! - `header`: the 4-byte header, modifier constants, [`pong`].
 //! - `vars`: the key/value record grammar and the borrowed [`Vars`] view.
 //! - `error`: [`ProtocolError`].
+//! - `response`: what goes back — the HTTP response head a server writes, validated and encoded (uwsgi
+//!   answers are raw HTTP).
 //! - this file: [`Limits`], [`parse_packet`] (and [`parse_packet_each`]), [`encode_packet`],
 //!   [`looks_like_http`], [`parse_decimal`] (for `CONTENT_LENGTH`).
 
 pub mod error;
 pub mod header;
+pub mod response;
 pub mod vars;
 
 pub use error::ProtocolError;

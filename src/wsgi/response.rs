@@ -16,8 +16,8 @@ use pyo3::sync::MutexExt;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use super::streams::{FileWrapper, Input};
-use crate::http_head::{Head, INTERNAL_ERROR};
 use crate::server::{ClientGone, Front, Responder};
+use oxwsgi_proto::response::{Head, INTERNAL_ERROR};
 
 /// Chunks up to this size are copied; larger ones are written straight from the Python `bytes` object,
 /// which is kept alive until the write is done. Below it a copy is cheaper than the deferred reference drop.

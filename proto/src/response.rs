@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use oxwsgi_proto::parse_decimal;
+use crate::parse_decimal;
 
 /// Headers that describe one hop, not the response. PEP 3333 makes them a fatal error from an app, and a
 /// `Transfer-Encoding: chunked` passed through is the classic double-chunked body behind nginx.
