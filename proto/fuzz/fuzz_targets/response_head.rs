@@ -1,0 +1,49 @@
+//! Fuzz target: the response head check on an arbitrary status and header list (any bytes: CR, LF, NUL,
+//! non-latin-1, hop-by-hop names, repeated Content-Length, hundreds of headers) and body length. It must
+//! never panic, and a head it accepts must be one nginx parses as the app meant: one status line and one
+//! line per header, no stray CR or LF, no hop-by-hop or `Status` header, at most one Content-Length.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use oxwsgi_proto::response::Head;
+
+/// Names an app must never send (hop-by-hop per RFC 9110, and CGI's `Status`).
+const REFUSED: [&[u8]; 10] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"trailers",
+    b"transfer-encoding",
+    b"upgrade",
+    b"status",
+];
+
+fuzz_target!(|input: (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>, Option<u64>)| {
+    let (status, headers, body_len) = input;
+    let refs = headers.iter().map(|(name, value)| (&name[..], &value[..]));
+    let Ok(head) = Head::new(&status, refs) else { return };
+    assert!((200..=999).contains(&head.status()));
+    let bytes = head.finish(body_len);
+    let text = bytes.strip_suffix(b"\r\n\r\n").expect("a head ends with a blank line");
+    let lines: Vec<&[u8]> =
+        text.split(|&b| b == b'\n').map(|line| line.strip_suffix(b"\r").unwrap_or(line)).collect();
+    assert!(lines.iter().all(|line| !line.contains(&b'\r') && !line.contains(&b'\n') && !line.contains(&0)));
+    assert!(lines[0].starts_with(b"HTTP/1.1 "));
+    let derived = usize::from(head.content_length().is_none() && body_len.is_some() && !head.forbids_body());
+    assert_eq!(lines.len(), 1 + headers.len() + derived, "one line per header");
+    let mut lengths = 0;
+    for line in &lines[1..] {
+        let colon = line.iter().position(|&b| b == b':').expect("name: value");
+        let name = line[..colon].to_ascii_lowercase();
+        assert!(!name.is_empty());
+        assert!(!REFUSED.contains(&&name[..]), "{:?}", String::from_utf8_lossy(&name));
+        if name == b"content-length" {
+            lengths += 1;
+        }
+    }
+    assert!(lengths <= 1, "one Content-Length at most");
+});
