@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Ok(sockets) => sockets,
         Err(err) => return fail(err),
     };
+    warn_about_exposed_sockets(&sockets);
     // Only the process that bound the sockets writes the pidfile and drops privileges (workers inherit both).
     let _pidfile = match config.pidfile.as_deref().map(deploy::Pidfile::create).transpose() {
         Ok(pidfile) => pidfile,
@@ -100,6 +101,24 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
                 .map_err(|source| SocketsError::Bind { spec: spec.clone(), source })
         })
         .collect()
+}
+
+/// The uwsgi protocol has no authentication: whoever can connect sets `REMOTE_ADDR`, `HTTPS` and every
+/// header. A TCP socket that other hosts may reach is allowed (nginx on another machine needs one) but said
+/// out loud, once, at start.
+fn warn_about_exposed_sockets(sockets: &[BoundSocket]) {
+    for socket in sockets {
+        if let SocketSpec::Tcp(addr) = &socket.spec {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "--socket {addr} can be reached from other hosts, and the uwsgi protocol has no \
+                     authentication: whoever connects sets REMOTE_ADDR, HTTPS and every header. Listen on \
+                     127.0.0.1 or a Unix socket when nginx is on this machine; otherwise allow only nginx's \
+                     address to this port (firewall, private network)"
+                );
+            }
+        }
+    }
 }
 
 /// One serving process: on its own, or as a worker of a master (with its control channel and recorder).

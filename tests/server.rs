@@ -1481,3 +1481,15 @@ fn the_graceful_timeout_bounds_a_stop_even_when_every_thread_is_busy() {
     assert!(status.success(), "{status}");
     busy.clear();
 }
+
+#[test]
+fn a_tcp_socket_other_hosts_can_reach_is_warned_about_and_loopback_is_not() {
+    let exposed = format!("0.0.0.0:{}", support::free_port());
+    let server = Server::builder().args(&["--socket", &exposed]).start();
+    let log = server.wait_log("has no authentication");
+    assert!(log.contains(&format!("--socket {exposed} can be reached from other hosts")), "{log}");
+    assert_still_serving(&server);
+    let loopback = Server::builder().tcp().start();
+    assert_still_serving(&loopback);
+    assert!(!loopback.log().contains("has no authentication"), "{}", loopback.log());
+}

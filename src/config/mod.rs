@@ -36,7 +36,8 @@ const DEFAULT_CHMOD_SOCKET: &str = "666";
 #[allow(clippy::struct_excessive_bools)] // one field per command-line flag, as clap wants
 pub struct Cli {
     /// Listen on ADDR: `host:port`, `[::1]:port`, `:port` (all IPv4 interfaces), or a Unix socket path
-    /// (containing `/`, or prefixed `unix:`). Repeatable. Not needed under systemd socket activation.
+    /// (containing `/`, or prefixed `unix:`). Repeatable. Not needed under systemd socket activation. The
+    /// uwsgi protocol has no authentication: a TCP address other hosts can reach is warned about at start.
     #[arg(long = "socket", short = 's', value_name = "ADDR", env = "OXWSGI_SOCKET", value_delimiter = ',')]
     pub sockets: Vec<String>,
 
