@@ -101,7 +101,14 @@ fn counts_every_request_across_workers() {
     }
     let post = RequestBuilder::post("/", b"0123456789");
     assert_eq!(metered.server.send(&post).status_line, "HTTP/1.1 200 OK");
-    let scrape = metered.scrape_until("61 requests", |s| s.sum("oxwsgi_requests_total") >= 61.0);
+    // A request is counted when its response is written, its app time and its thread's state just after
+    // (on the Python thread, once the app's iterable is closed): wait for all of them to settle.
+    let scrape = metered.scrape_until("61 requests and their app times", |s| {
+        s.sum("oxwsgi_requests_total") >= 61.0
+            && s.value("oxwsgi_app_duration_seconds_count") >= 61.0
+            && s.value(r#"oxwsgi_python_threads{state="busy"}"#) == 0.0
+            && s.value("oxwsgi_requests_in_flight") == 0.0
+    });
     assert_eq!(scrape.value(r#"oxwsgi_requests_total{method="GET",status="200"}"#), 60.0);
     assert_eq!(scrape.value(r#"oxwsgi_requests_total{method="POST",status="200"}"#), 1.0);
     // Every request sent, and only those, is in each latency histogram.
