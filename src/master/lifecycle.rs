@@ -291,10 +291,7 @@ impl Supervisor<'_> {
         let (slot, how) = (worker.slot, describe_exit(status));
         let successor = match worker.phase.on_exit() {
             Exit::Retired => {
-                info!("worker {slot} (pid {pid}) retired: it {how}");
-                if let Some(reason) = worker.retirement {
-                    self.count_restart(reason);
-                }
+                self.retired(pid, &worker, &how);
                 return Ok(());
             }
             Exit::Crashed { successor } => successor,
@@ -311,6 +308,14 @@ impl Supervisor<'_> {
         }
         self.respawn_later(slot, worker.started.elapsed());
         Ok(())
+    }
+
+    /// Worker `pid`, told to stop, exited.
+    fn retired(&mut self, pid: WorkerPid, worker: &Worker, how: &str) {
+        info!("worker {} (pid {pid}) retired: it {how}", worker.slot);
+        if let Some(reason) = worker.retirement {
+            self.count_restart(reason);
+        }
     }
 
     /// Worker `pid` exited before it was ready.
@@ -337,7 +342,7 @@ impl Supervisor<'_> {
             self.respawn_later(slot, worker.started.elapsed());
             return Ok(());
         }
-        self.signal_all(Signal::SIGTERM);
+        self.stop_all(Signal::SIGTERM);
         self.wait_all(self.config.server.graceful_timeout).await;
         Err(MasterError::FirstStart { slot, how })
     }
@@ -364,6 +369,15 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Tells every worker to stop with `signal` (SIGTERM: gracefully; SIGKILL: now): from here each one's
+    /// exit is a retirement, never a crash to replace.
+    pub(super) fn stop_all(&mut self, signal: Signal) {
+        for worker in self.workers.values_mut() {
+            worker.phase = worker.phase.on_stop();
+        }
+        self.signal_all(signal);
+    }
+
     pub(super) fn signal_all(&self, signal: Signal) {
         for &pid in self.workers.keys() {
             send_signal(pid, signal);
@@ -376,8 +390,11 @@ impl Supervisor<'_> {
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, self.inbox.recv()).await {
                 Ok(Some(Event::Exited { pid, status })) => {
+                    // Every worker was told to stop (`stop_all`): its exit goes through the lifecycle
+                    // like any retirement.
                     if let Some(worker) = self.forget(pid) {
-                        info!("worker {} (pid {pid}) {}", worker.slot, describe_exit(&status));
+                        debug_assert_eq!(worker.phase.on_exit(), Exit::Retired);
+                        self.retired(pid, &worker, &describe_exit(&status));
                     }
                 }
                 Ok(Some(Event::Kill { pid })) if self.workers.contains_key(&pid) => {

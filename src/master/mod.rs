@@ -234,7 +234,7 @@ impl<'a> Supervisor<'a> {
                 _ = interrupt.recv() => break "SIGINT",
                 _ = quit.recv() => {
                     info!("SIGQUIT received: stopping the workers now");
-                    self.signal_all(WorkerSignal::SIGKILL);
+                    self.stop_all(WorkerSignal::SIGKILL);
                     self.wait_all(KILL_AFTER_GRACE).await;
                     return Ok(());
                 }
@@ -247,7 +247,7 @@ impl<'a> Supervisor<'a> {
         if self.config.server.vacuum {
             crate::socket_file::remove_socket_files(&self.socket_files);
         }
-        self.signal_all(WorkerSignal::SIGTERM);
+        self.stop_all(WorkerSignal::SIGTERM);
         // The sockets close once the last worker stops accepting: a late client is refused at once (and
         // nginx tries another backend) instead of waiting in a backlog nobody reads, then being reset.
         self.handoff.clear();
