@@ -266,7 +266,15 @@ fn sigterm_during_a_reload_stops_old_and_new_workers_and_finishes_the_request() 
     let mut in_flight = sleeping_request(&server, 1500);
     server.signal("HUP");
     server.wait_log("replacing worker 1");
-    let workers = children(server.pid());
+    // The replacement is forked just after that line.
+    let mut workers = children(server.pid());
+    for _ in 0..POLL_TRIES {
+        if workers.len() == 2 {
+            break;
+        }
+        thread::sleep(POLL_INTERVAL);
+        workers = children(server.pid());
+    }
     assert_eq!(workers.len(), 2, "the old worker and its replacement; log:\n{}", server.log());
     let status = server.terminate();
     assert!(status.success(), "{status}; log:\n{}", server.log());
