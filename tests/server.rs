@@ -822,7 +822,7 @@ fn str_body_chunk_is_a_500() {
 #[test]
 fn invalid_status_is_a_500() {
     let server = Server::start(&[]);
-    for case in 0..7 {
+    for case in 0..6 {
         let raw = server.exchange(&RequestBuilder::get(&format!("/bad-status?case={case}")).encode());
         assert_eq!(raw, INTERNAL_ERROR, "bad status case {case}: {:?}", String::from_utf8_lossy(&raw));
     }
@@ -832,13 +832,34 @@ fn invalid_status_is_a_500() {
 #[test]
 fn invalid_or_hop_by_hop_headers_are_a_500() {
     let server = Server::start(&[]);
-    for case in 0..12 {
+    for case in 0..13 {
         let raw = server.exchange(&RequestBuilder::get(&format!("/bad-header?case={case}")).encode());
         assert_eq!(raw, INTERNAL_ERROR, "bad header case {case}: {:?}", String::from_utf8_lossy(&raw));
     }
     let log = server.log();
     assert!(log.contains("hop-by-hop"), "{log}");
     assert_still_serving(&server);
+}
+
+/// `Connection`/`Keep-Alive` from the app and a status without a reason work under uWSGI and gunicorn:
+/// served, corrected, and said once per worker however often the app does it.
+#[test]
+fn connection_headers_and_bare_status_are_corrected_with_one_warning() {
+    let server = Server::start(&[]);
+    let expected = [
+        ("connection", "HTTP/1.1 200 OK\r\nX-Kept: yes\r\nContent-Length: 6\r\n\r\nserved"),
+        ("reason", "HTTP/1.1 404 Not Found\r\nX-Kept: yes\r\nContent-Length: 6\r\n\r\nserved"),
+    ];
+    for _ in 0..3 {
+        for (case, raw) in expected {
+            let response = server.get(&format!("/corrected?case={case}"));
+            assert_eq!(String::from_utf8_lossy(&response.raw), raw);
+        }
+    }
+    let log = server.wait_log("standard phrase");
+    assert_eq!(log.matches("`Connection` or `Keep-Alive` response header").count(), 1, "{log}");
+    assert_eq!(log.matches("standard phrase").count(), 1, "{log}");
+    assert!(!log.contains("WSGI violation"), "{log}");
 }
 
 #[test]

@@ -8,11 +8,10 @@ use std::fmt;
 
 use crate::parse_decimal;
 
-/// Headers that describe one hop, not the response. PEP 3333 makes them a fatal error from an app, and a
-/// `Transfer-Encoding: chunked` passed through is the classic double-chunked body behind nginx.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
+/// Headers that describe one hop, not the response, and would change how nginx frames or treats it: PEP 3333
+/// makes them a fatal error from an app, and a `Transfer-Encoding: chunked` passed through is the classic
+/// double-chunked body behind nginx.
+const HOP_BY_HOP: [&str; 7] = [
     "proxy-authenticate",
     "proxy-authorization",
     "te",
@@ -21,6 +20,11 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
+
+/// Hop-by-hop headers that only say what the app would like done with the connection: harmless, since
+/// oxwsgi ends every response by closing its connection to nginx, and sent by apps that work under uWSGI
+/// and gunicorn. Dropped rather than refused.
+const CONNECTION_HEADERS: [&str; 2] = ["connection", "keep-alive"];
 
 /// Room for a response head without growing: a status line and a few headers.
 const HEAD_CAPACITY: usize = 256;
@@ -36,6 +40,37 @@ pub struct Head {
     /// `Content-Length` can still be appended.
     bytes: Vec<u8>,
     content_length: Option<u64>,
+    dropped_connection_header: bool,
+    added_reason_phrase: bool,
+}
+
+/// What the check corrected instead of refusing, because apps that do it work under uWSGI and gunicorn.
+/// The server says so in a warning (once per worker is enough: an app that does it does it every time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Correction {
+    /// A `Connection` or `Keep-Alive` header was left out.
+    DroppedConnectionHeader,
+    /// A status without a reason phrase (`"200"`) was given the standard one.
+    AddedReasonPhrase,
+}
+
+impl Correction {
+    pub const ALL: [Correction; 2] = [Correction::DroppedConnectionHeader, Correction::AddedReasonPhrase];
+}
+
+impl fmt::Display for Correction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::DroppedConnectionHeader => {
+                "the app sent a `Connection` or `Keep-Alive` response header: left out, since the connection \
+                 to nginx always closes after one response (PEP 3333 forbids hop-by-hop headers)"
+            }
+            Self::AddedReasonPhrase => {
+                "the app sent a status without a reason phrase (\"200\" instead of \"200 OK\"): sent with \
+                 the standard phrase (PEP 3333 asks for both)"
+            }
+        })
+    }
 }
 
 /// Why a status or header was refused.
@@ -76,14 +111,26 @@ impl Head {
         status: &[u8],
         headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<Self, HeadError> {
-        let code = parse_status(status).ok_or_else(|| HeadError::Status(latin1_lossy(status)))?;
+        let (code, reason) = parse_status(status).ok_or_else(|| HeadError::Status(latin1_lossy(status)))?;
         let mut bytes = Vec::with_capacity(HEAD_CAPACITY);
         bytes.extend_from_slice(b"HTTP/1.1 ");
-        bytes.extend_from_slice(status);
+        bytes.extend_from_slice(&status[..3]);
+        bytes.push(b' ');
+        let added_reason_phrase = reason.is_empty();
+        if added_reason_phrase {
+            bytes.extend_from_slice(standard_reason(code).as_bytes());
+        } else {
+            bytes.extend_from_slice(reason);
+        }
         bytes.extend_from_slice(b"\r\n");
         let mut content_length = None;
+        let mut dropped_connection_header = false;
         for (name, value) in headers {
             check_header(name, value)?;
+            if CONNECTION_HEADERS.iter().any(|hop| name.eq_ignore_ascii_case(hop.as_bytes())) {
+                dropped_connection_header = true;
+                continue;
+            }
             if name.eq_ignore_ascii_case(b"content-length") {
                 let parsed = parse_decimal(value).filter(|_| content_length.is_none());
                 content_length = Some(parsed.ok_or_else(|| HeadError::ContentLength(latin1_lossy(value)))?);
@@ -93,7 +140,15 @@ impl Head {
             bytes.extend_from_slice(value);
             bytes.extend_from_slice(b"\r\n");
         }
-        Ok(Self { status: code, bytes, content_length })
+        Ok(Self { status: code, bytes, content_length, dropped_connection_header, added_reason_phrase })
+    }
+
+    /// Whether the check made this correction to what the app passed.
+    pub fn corrected(&self, correction: Correction) -> bool {
+        match correction {
+            Correction::DroppedConnectionHeader => self.dropped_connection_header,
+            Correction::AddedReasonPhrase => self.added_reason_phrase,
+        }
     }
 
     pub fn status(&self) -> u16 {
@@ -134,15 +189,70 @@ impl Head {
 }
 
 /// `NNN reason`: three digits, no informational (1xx) status — nginx takes any 1xx from a uwsgi upstream as
-/// the final response — a single space and a non-empty reason without control characters.
-fn parse_status(status: &[u8]) -> Option<u16> {
+/// the final response — then a space and a reason without control characters, or nothing (`"200"`,
+/// `"200 "`: the reason comes back empty). Returns the code and the reason.
+fn parse_status(status: &[u8]) -> Option<(u16, &[u8])> {
     let (code, rest) = status.split_at_checked(3)?;
-    let reason = rest.strip_prefix(b" ")?;
-    if !code.iter().all(u8::is_ascii_digit) || reason.is_empty() || reason.iter().any(|&b| is_control(b)) {
+    let reason = if rest.is_empty() { rest } else { rest.strip_prefix(b" ")? };
+    if !code.iter().all(u8::is_ascii_digit) || reason.iter().any(|&b| is_control(b)) {
         return None;
     }
     let code = code.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
-    (200..=999).contains(&code).then_some(code)
+    (200..=999).contains(&code).then_some((code, reason))
+}
+
+/// The reason phrase RFC 9110 (and RFC 6585 for 428-431, 511) gives a status; empty for a code it does not
+/// name, which RFC 9112's status line allows.
+fn standard_reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
+        204 => "No Content",
+        205 => "Reset Content",
+        206 => "Partial Content",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        305 => "Use Proxy",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Range Not Satisfiable",
+        417 => "Expectation Failed",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Content",
+        426 => "Upgrade Required",
+        428 => "Precondition Required",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        511 => "Network Authentication Required",
+        _ => "",
+    }
 }
 
 fn check_header(name: &[u8], value: &[u8]) -> Result<(), HeadError> {
@@ -250,12 +360,10 @@ mod tests {
     #[test]
     fn rejects_bad_status() {
         for bad in [
-            "200",
             "200OK",
             "20 OK",
             "2000 OK",
             "abc OK",
-            "200 ",
             "100 Continue",
             "101 Switching Protocols",
             "200 O\rK",
@@ -278,9 +386,39 @@ mod tests {
         assert!(matches!(head("200 OK", &[("X:A", "v")]), Err(HeadError::HeaderName(_))));
         assert!(matches!(head("200 OK", &[("", "v")]), Err(HeadError::HeaderName(_))));
         assert!(matches!(head("200 OK", &[("Transfer-Encoding", "chunked")]), Err(HeadError::HopByHop(_))));
-        assert!(matches!(head("200 OK", &[("connection", "close")]), Err(HeadError::HopByHop(_))));
+        for name in ["TE", "Trailer", "Upgrade", "Proxy-Authenticate", "proxy-authorization"] {
+            assert!(matches!(head("200 OK", &[(name, "x")]), Err(HeadError::HopByHop(_))), "{name}");
+        }
         assert!(matches!(head("200 OK", &[("Status", "404 Not Found")]), Err(HeadError::StatusHeader)));
         assert!(head("200 OK", &[("X-Tab", "a\tb"), ("X-Latin", "caf\u{e9}")]).is_ok());
+    }
+
+    #[test]
+    fn connection_headers_are_dropped_and_said() {
+        let h =
+            head("200 OK", &[("Connection", "close"), ("X-A", "1"), ("keep-alive", "timeout=5")]).unwrap();
+        assert!(h.corrected(Correction::DroppedConnectionHeader));
+        assert!(!h.corrected(Correction::AddedReasonPhrase));
+        assert_eq!(h.finish(Some(0)), b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n".to_vec());
+        let h = head("200 OK", &[("X-A", "1")]).unwrap();
+        assert!(Correction::ALL.iter().all(|&c| !h.corrected(c)));
+        // A dropped header is still checked: no injection through it.
+        assert!(matches!(head("200 OK", &[("Connection", "a\r\nX: y")]), Err(HeadError::HeaderValue { .. })));
+    }
+
+    #[test]
+    fn a_status_without_reason_gets_the_standard_one() {
+        for (status, line) in [
+            ("200", "HTTP/1.1 200 OK"),
+            ("404 ", "HTTP/1.1 404 Not Found"),
+            ("503", "HTTP/1.1 503 Service Unavailable"),
+            ("299", "HTTP/1.1 299 "),
+        ] {
+            let h = head(status, &[]).unwrap();
+            assert!(h.corrected(Correction::AddedReasonPhrase), "{status:?}");
+            assert_eq!(h.finish(None), format!("{line}\r\n\r\n").into_bytes(), "{status:?}");
+        }
+        assert!(!head("200 Fine", &[]).unwrap().corrected(Correction::AddedReasonPhrase));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! write with a derived `Content-Length`, a `wsgi.file_wrapper` over a regular file with `sendfile(2)`, and
 //! anything else streams chunk by chunk. Every write happens with the interpreter released.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -17,7 +18,8 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use super::streams::{FileWrapper, Input};
 use crate::server::{ClientGone, Front, Responder};
-use oxwsgi_proto::response::{Head, INTERNAL_ERROR};
+use oxwsgi_proto::response::{Correction, Head, INTERNAL_ERROR};
+use tracing::warn;
 
 /// Chunks up to this size are copied; larger ones are written straight from the Python `bytes` object,
 /// which is kept alive until the write is done. Below it a copy is cheaper than the deferred reference drop.
@@ -559,8 +561,21 @@ impl StartResponse {
         let head =
             Head::new(latin1(&status), fields.iter().map(|(name, value)| (latin1(name), latin1(value))))
                 .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        warn_corrections(&head);
         lock(headers.py(), &self.sink).head = Some(head);
         Ok(Write { sink: Arc::clone(&self.sink) })
+    }
+}
+
+/// Logs each correction the head check made, the first time this worker makes it: an app that sends
+/// `Connection: close` sends it on every response, and one line tells its author as much as a million.
+fn warn_corrections(head: &Head) {
+    static WARNED: [AtomicBool; Correction::ALL.len()] =
+        [const { AtomicBool::new(false) }; Correction::ALL.len()];
+    for (correction, warned) in Correction::ALL.into_iter().zip(&WARNED) {
+        if head.corrected(correction) && !warned.swap(true, Ordering::Relaxed) {
+            warn!("{correction} (said once per worker)");
+        }
     }
 }
 

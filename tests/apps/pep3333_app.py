@@ -299,7 +299,6 @@ def str_chunk(environ, start_response, query):
 
 
 BAD_STATUSES = [
-    "200",
     "20x OK",
     "200 OK\r\nX-Injected: yes",
     "100 Continue",
@@ -311,7 +310,7 @@ BAD_STATUSES = [
 BAD_HEADERS = [
     [("X-Bad", "a\r\nX-Injected: yes")],
     [("X Bad", "value")],
-    [("Connection", "close")],
+    [("Upgrade", "websocket")],
     [("Transfer-Encoding", "chunked")],
     [("X-Snowman", "\u2603")],
     [("X-Nul", "a\x00b")],
@@ -320,8 +319,16 @@ BAD_HEADERS = [
     (("X-Tuple", "headers must be a list"),),
     [("X-Triple", "a", "b")],
     [("Content-Length", "-1")],
-    [("Keep-Alive", "timeout=5")],
+    [("Trailer", "Expires")],
+    [("TE", "trailers")],
+    [("Proxy-Authenticate", "Basic")],
 ]
+
+# What uWSGI and gunicorn serve and oxwsgi corrects (with a warning) rather than refuses.
+CORRECTED = {
+    "connection": ("200 OK", [("Connection", "close"), ("Keep-Alive", "timeout=5"), ("X-Kept", "yes")]),
+    "reason": ("404", [("X-Kept", "yes")]),
+}
 
 
 def bad_status(environ, start_response, query):
@@ -332,6 +339,12 @@ def bad_status(environ, start_response, query):
 def bad_header(environ, start_response, query):
     start_response("200 OK", BAD_HEADERS[int(query["case"])])
     return [b"must not be sent"]
+
+
+def corrected(environ, start_response, query):
+    status, headers = CORRECTED[query["case"]]
+    start_response(status, list(headers))
+    return [b"served"]
 
 
 def content_length_over(environ, start_response, query):
@@ -570,6 +583,7 @@ ROUTES = {
     "/str-chunk": str_chunk,
     "/bad-status": bad_status,
     "/bad-header": bad_header,
+    "/corrected": corrected,
     "/content-length-over": content_length_over,
     "/content-length-short-list": content_length_short_list,
     "/content-length-short-kept": content_length_short_kept,
