@@ -122,10 +122,13 @@ def server_env(shapes_file: Path) -> dict[str, str]:
 # --- nginx ----------------------------------------------------------------------------------------------
 
 
-def start_nginx(tools: Tools, prefix: Path, upstream: str) -> tuple[Child, int]:
-    """Renders the template with a free port and starts nginx; retries if the port was taken meanwhile."""
+def start_nginx(
+    nginx_binary: Path, prefix: Path, upstream: str, template_path: Path = NGINX_TEMPLATE
+) -> tuple[Child, int]:
+    """Renders the template with a free port and starts nginx; retries if the port was taken meanwhile.
+    The soak passes a template of its own (same placeholders)."""
     prefix.mkdir()
-    template = NGINX_TEMPLATE.read_text()
+    template = template_path.read_text()
     for attempt in range(1, NGINX_START_ATTEMPTS + 1):
         port = free_port()
         conf = prefix / "nginx.conf"
@@ -134,7 +137,7 @@ def start_nginx(tools: Tools, prefix: Path, upstream: str) -> tuple[Child, int]:
             .replace("{{HTTP_PORT}}", str(port))
             .replace("{{UPSTREAM}}", upstream)
         )
-        argv = [str(tools.nginx), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+        argv = [str(nginx_binary), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
         nginx = Child("nginx", argv, prefix / "nginx.out")
         try:
             wait_listening(nginx, socket.AF_INET, ("127.0.0.1", port))
@@ -221,7 +224,7 @@ def stack(tools: Tools, config: ServerConfig, serving: Serving, run_dir: Path, e
         wait_listening(server, socket.AF_UNIX, str(sock))
         base_url = None
         if serving.through_nginx:
-            nginx, port = start_nginx(tools, run_dir / "nginx", f"unix:{sock}")
+            nginx, port = start_nginx(tools.nginx, run_dir / "nginx", f"unix:{sock}")
             base_url = f"http://127.0.0.1:{port}"
             where = f"{base_url}{serving.ready_path} through nginx"
         else:
