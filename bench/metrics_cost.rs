@@ -30,7 +30,7 @@ fn main() -> std::io::Result<()> {
 fn one_request(recorder: Recorder) {
     let in_flight = recorder.in_flight();
     let started = Instant::now();
-    recorder.app_started(0, black_box(Duration::from_micros(30)));
+    recorder.app_started(0, black_box(Duration::from_micros(30)), black_box([b"GET", b"/users/42?page=1"]));
     recorder.app_finished(0, started.elapsed(), false);
     recorder.request_done(&RequestDone {
         method: Method::Get,

@@ -287,6 +287,7 @@ impl Supervisor<'_> {
         pid: WorkerPid,
         status: &io::Result<ExitStatus>,
     ) -> Result<(), MasterError> {
+        let running = self.running_requests(pid);
         let Some(worker) = self.forget(pid) else { return Ok(()) };
         let (slot, how) = (worker.slot, describe_exit(status));
         let successor = match worker.phase.on_exit() {
@@ -299,7 +300,12 @@ impl Supervisor<'_> {
                 return self.failed_to_start(pid, &worker, how).await;
             }
         };
-        warn!("worker {slot} (pid {pid}) {how}; starting a new one");
+        let during = match &running[..] {
+            [] => String::new(),
+            [line] => format!(" while running {line}"),
+            lines => format!(" while running {} requests: {}", lines.len(), lines.join(", ")),
+        };
+        error!("worker {slot} (pid {pid}) {how}{during}; starting a new one");
         self.count_restart(RestartReason::Crash);
         if let Some(replacement) = successor {
             // Its replacement is already starting: that one takes the place.
@@ -345,6 +351,15 @@ impl Supervisor<'_> {
         self.stop_all(Signal::SIGTERM);
         self.wait_all(self.config.server.graceful_timeout).await;
         Err(MasterError::FirstStart { slot, how })
+    }
+
+    /// The requests worker `pid` is running (read before its cell is released when it exits).
+    fn running_requests(&self, pid: WorkerPid) -> Vec<String> {
+        let cell = self.workers.get(&pid).and_then(|worker| worker.cell);
+        match (&self.books, cell) {
+            (Some((books, _)), Some(cell)) => books.running_requests(cell),
+            _ => Vec::new(),
+        }
     }
 
     /// Removes an exited worker; its metrics cell joins the totals.

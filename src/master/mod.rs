@@ -90,15 +90,13 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
     drop(sockets);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(MasterError::Runtime)?;
-    let books = if config.metrics.enabled() {
-        let cells = config.processes.workers.get().saturating_mul(CELLS_PER_WORKER);
-        let region = Region::create(cells).map_err(MasterError::MetricsRegion)?;
-        let handed_down = dup_above(region.fd().as_raw_fd(), floor)
-            .map_err(|source| MasterError::Handoff { what: "metrics", source })?;
-        Some((Books::new(region), handed_down))
-    } else {
-        None
-    };
+    // Always, not only for `--metrics` and `--stats`: the cells also tell the master which requests a
+    // worker was running when it died, whatever killed it.
+    let cells = config.processes.workers.get().saturating_mul(CELLS_PER_WORKER);
+    let region = Region::create(cells).map_err(MasterError::MetricsRegion)?;
+    let handed_down = dup_above(region.fd().as_raw_fd(), floor)
+        .map_err(|source| MasterError::Handoff { what: "metrics", source })?;
+    let books = Some((Books::new(region), handed_down));
     let config_json = serde_json::to_string(config).map_err(MasterError::Config)?;
     let supervisor = Supervisor::new(config, config_json, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
@@ -162,8 +160,8 @@ struct Supervisor<'a> {
     /// Every worker of the first generation reported ready: from then on a worker that fails to start is
     /// retried (or, for a replacement, abandoned), not fatal.
     started: bool,
-    /// With `--metrics` or `--stats`: the cells and the master's own counts, and a copy of the region's
-    /// descriptor above the handed-down numbers.
+    /// The workers' cells and the master's own counts, and a copy of the region's descriptor above the
+    /// handed-down numbers (absent only in tests of the lifecycle).
     books: Option<(Books, OwnedFd)>,
     queries: mpsc::Receiver<Query>,
     /// Kept so the query channel never closes, whichever endpoints run.
@@ -331,7 +329,10 @@ fn describe_exit(status: &io::Result<ExitStatus>) -> String {
     match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
-            (None, Some(signal)) => format!("was killed by signal {signal}"),
+            (None, Some(signal)) => match WorkerSignal::try_from(signal) {
+                Ok(name) => format!("was killed by signal {signal} ({name})"),
+                Err(_) => format!("was killed by signal {signal}"),
+            },
             (None, None) => format!("ended ({status})"),
         },
         Err(err) => format!("could not be waited for ({err})"),

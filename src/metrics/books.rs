@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 
 use super::exposition::{self, RestartReason, Scrape, SocketQueue, WorkerState};
+use super::layout::ThreadCell;
 use super::region::{Cells, Region};
 use super::stats::{self, StatsView, WorkerView};
 use super::sys::{listen_queue, memory};
@@ -69,6 +70,14 @@ impl Books {
             warn!("no free metrics cell for worker {id}: its requests go uncounted until it is replaced");
         }
         cell
+    }
+
+    /// The requests the worker on `cell` was running (or is: read before [`Books::exited`]), as
+    /// `METHOD URI` lines.
+    pub fn running_requests(&self, cell: usize) -> Vec<String> {
+        let Some(snapshot) = self.cells.snapshot(cell) else { return Vec::new() };
+        let threads = usize::try_from(snapshot.gauges.threads).unwrap_or(usize::MAX);
+        snapshot.gauges.thread_cells.iter().take(threads).filter_map(ThreadCell::running).collect()
     }
 
     /// A worker process exited: its counts join the totals.

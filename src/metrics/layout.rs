@@ -135,12 +135,66 @@ fn status_index(status: u16) -> Option<usize> {
 /// still count in every other metric.
 pub const TRACKED_THREADS: usize = 256;
 
+/// Bytes of the request line each thread keeps while it runs a request (as 64-bit words): the method and
+/// the start of the URI name a request in the master's report of a worker that died during it; a longer
+/// line is cut there. 256 bytes hold almost every real path, and cost 64 KiB per worker cell.
+pub const RUNNING_LINE_BYTES: usize = 256;
+const RUNNING_LINE_WORDS: usize = RUNNING_LINE_BYTES / 8;
+
 word_struct! {
     /// One Python thread, as the uWSGI stats show it.
     pub struct ThreadCell<W> {
         pub requests: W,
         /// 1 while it runs a request.
         pub busy: W,
+        /// How many bytes of `running_line` hold the request it runs (or ran last): written when it
+        /// starts one, so the master can name it if the worker dies during it.
+        pub running_len: W,
+        /// `METHOD URI`, cut to [`RUNNING_LINE_BYTES`], packed little-endian into words.
+        pub running_line: [W; RUNNING_LINE_WORDS],
+    }
+}
+
+impl ThreadCell<AtomicU64> {
+    /// Keeps `parts`, joined by a space, as the request this thread runs.
+    fn set_running(&self, parts: [&[u8]; 2]) {
+        let mut line = [0u8; RUNNING_LINE_BYTES];
+        let mut len = 0;
+        for (i, part) in parts.into_iter().enumerate() {
+            if i > 0 && len < RUNNING_LINE_BYTES {
+                line[len] = b' ';
+                len += 1;
+            }
+            let take = part.len().min(RUNNING_LINE_BYTES - len);
+            line[len..len + take].copy_from_slice(&part[..take]);
+            len += take;
+        }
+        for (word, bytes) in self.running_line.iter().zip(line[..len.next_multiple_of(8)].chunks_exact(8)) {
+            word.store(u64::from_le_bytes(bytes.try_into().expect("chunks of 8")), Ordering::Relaxed);
+        }
+        self.running_len.store(len as u64, Ordering::Release);
+    }
+
+    /// Marks the thread busy with the request `parts` names.
+    pub fn start(&self, parts: [&[u8]; 2]) {
+        self.set_running(parts);
+        self.busy.store(1, Ordering::Relaxed);
+    }
+}
+
+impl ThreadCell<u64> {
+    /// The request a busy thread runs, as text (a cut line ends in `...`); `None` when idle.
+    pub fn running(&self) -> Option<String> {
+        if self.busy == 0 {
+            return None;
+        }
+        let len = usize::try_from(self.running_len).map_or(RUNNING_LINE_BYTES, |n| n.min(RUNNING_LINE_BYTES));
+        let bytes: Vec<u8> = self.running_line.iter().flat_map(|word| word.to_le_bytes()).take(len).collect();
+        let mut line = String::from_utf8_lossy(&bytes).into_owned();
+        if len == RUNNING_LINE_BYTES {
+            line.push_str("...");
+        }
+        Some(line)
     }
 }
 
@@ -190,6 +244,28 @@ mod tests {
         assert_eq!(cumulative[1], (0.001, 2));
         assert_eq!(cumulative.last(), Some(&(60.0, 2)), "an hour is only in +Inf");
         assert!((total.sum_seconds() - 3_600.001_001).abs() < 1e-9);
+    }
+
+    /// The line a live thread cell keeps, as the master reads it from a copy.
+    fn running_after(parts: [&[u8]; 2]) -> Option<String> {
+        let live = zeroed::<ThreadCell<AtomicU64>>();
+        live.start(parts);
+        let mut copy = zeroed::<ThreadCell<u64>>();
+        add_into(&mut *copy, &*live);
+        copy.running()
+    }
+
+    #[test]
+    fn a_busy_thread_names_its_request() {
+        assert_eq!(running_after([b"GET", b"/crash?x=1"]).as_deref(), Some("GET /crash?x=1"));
+        assert_eq!(running_after([b"", b""]).as_deref(), Some(" "));
+        let long = vec![b'a'; 1000];
+        let cut = running_after([b"POST", &long]).unwrap();
+        assert_eq!(cut.len(), RUNNING_LINE_BYTES + 3, "{cut}");
+        assert!(cut.starts_with("POST aaa") && cut.ends_with("a..."), "{cut}");
+        let exact = vec![b'b'; RUNNING_LINE_BYTES - 4];
+        assert!(running_after([b"GET", &exact]).unwrap().ends_with("b..."), "a full line may have been cut");
+        assert_eq!(zeroed::<ThreadCell<u64>>().running(), None, "an idle thread runs nothing");
     }
 
     #[test]

@@ -77,13 +77,14 @@ impl Recorder {
         }
     }
 
-    /// Python thread `thread` takes a request that waited `queued` since it was accepted.
-    pub fn app_started(self, thread: usize, queued: Duration) {
+    /// Python thread `thread` takes the request `line` (method and URI) that waited `queued` since it was
+    /// accepted.
+    pub fn app_started(self, thread: usize, queued: Duration, line: [&[u8]; 2]) {
         let Some(cell) = self.0 else { return };
         cell.counters.queue_wait.observe(queued);
         cell.gauges.busy_threads.fetch_add(1, Ordering::Relaxed);
         if let Some(thread) = cell.gauges.thread_cells.get(thread) {
-            thread.busy.store(1, Ordering::Relaxed);
+            thread.start(line);
         }
     }
 

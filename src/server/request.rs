@@ -180,6 +180,11 @@ pub struct RequestLine {
 }
 
 impl RequestLine {
+    /// The method and the URI, as they came.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [slice(&self.block, self.method), slice(&self.block, self.uri)]
+    }
+
     /// The same line in a buffer of its own: a record that outlives the request (a response the I/O
     /// runtime finishes) must not keep the serving thread's read buffer, which the packet is part of.
     #[must_use]

@@ -131,7 +131,8 @@ fn serve_requests(
         // The clock is read only for what is counted.
         let started = thread.metrics.is_enabled().then(Instant::now);
         if let Some(started) = started {
-            thread.metrics.app_started(index, started.saturating_duration_since(request.head.accepted_at));
+            let queued = started.saturating_duration_since(request.head.accepted_at);
+            thread.metrics.app_started(index, queued, request.head.line.parts());
         }
         // A bug of ours must cost one request, not a thread of the pool.
         let ran =

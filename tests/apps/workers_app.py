@@ -1,7 +1,9 @@
 """For tests/master.rs and tests/metrics.rs: answers with the pid of the worker process that served the
 request, after an optional sleep (`/sleep?ms=N&started=FILE`, creating FILE once inside the app), so tests
-can tell workers apart and keep a request in flight; `/raise` raises, for the exception count."""
+can tell workers apart and keep a request in flight; `/raise` raises, for the exception count; `/segfault`
+and `/exit` end the worker process the way a broken C extension or an app calling `os._exit(3)` does."""
 
+import ctypes
 import os
 import time
 from urllib.parse import parse_qs
@@ -14,6 +16,10 @@ def application(environ, start_response):
     query = parse_qs(environ["QUERY_STRING"])
     if environ["PATH_INFO"] == "/raise":
         raise RuntimeError("raised on purpose by the test app")
+    if environ["PATH_INFO"] == "/segfault":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    if environ["PATH_INFO"] == "/exit":
+        os._exit(3)
     if environ["PATH_INFO"] == "/sleep":
         if "started" in query:
             # Tells the test the request is inside the app.
