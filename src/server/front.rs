@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use super::accept_errors::AcceptErrors;
 use super::conn::{Conn, Kind};
 use super::listener::BoundSocket;
 use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
@@ -46,7 +47,8 @@ const HOT_LISTENER_STREAK: u32 = 64;
 const EPOLL_EVENTS: usize = 16;
 /// First pause after `accept()` fails with anything but "nothing to accept".
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
-/// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU.
+/// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU
+/// (each serving thread backs off on its own; the log says it once a second for all of them).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How long a serving thread keeps a connection whose request has not arrived yet before the I/O runtime
@@ -145,6 +147,7 @@ pub struct Front {
     arrivals: AtomicUsize,
     /// Any of the three counts above went down.
     changed: Notify,
+    accept_errors: AcceptErrors,
 }
 
 impl Front {
@@ -193,6 +196,7 @@ impl Front {
             accepting: AtomicUsize::new(0),
             arrivals: AtomicUsize::new(0),
             changed: Notify::new(),
+            accept_errors: AcceptErrors::new(),
         }))
     }
 
@@ -669,7 +673,7 @@ impl Acceptor {
                 Some(libc::ECONNABORTED) => return Accept::Failed,
                 Some(libc::EINTR) => {}
                 _ => {
-                    error!("accept failed: {err}; retrying in {:?}", self.backoff);
+                    self.front.accept_errors.report(&err, self.backoff);
                     std::thread::sleep(self.backoff);
                     self.backoff = (self.backoff * 2).min(MAX_ACCEPT_BACKOFF);
                     return Accept::Failed;

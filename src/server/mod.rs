@@ -6,6 +6,7 @@
 //! peer ([`waiting`]). Knows nothing of Python: whatever runs the app calls [`Acceptor::next_job`] and answers
 //! through the [`Responder`]. The listeners and the shutdown future are injected.
 
+mod accept_errors;
 mod conn;
 mod front;
 mod listener;
