@@ -393,6 +393,32 @@ def test_a_stalled_request_body_gives_the_thread_back_after_the_socket_timeout(s
         peer.close()
 
 
+@pytest.mark.parametrize("size", BODY_SIZES.values(), ids=BODY_SIZES.keys())
+def test_a_trickled_request_body_holds_the_thread_no_longer_than_the_socket_timeout(strict, size):
+    # The small body is read by the I/O runtime before the app starts; the app itself reads the large one
+    # from the socket (it is inside wsgi.input.read() when the trickle starts).
+    served_before = strict.oxwsgi_log().count("POST /read =>")
+    peer, rest = start_body(strict, size)
+    try:
+        trickle = Trickle(peer, rest[:TRICKLE_BYTES])
+        trickle.start()
+        answered = good_requests_while(trickle, strict)
+        trickle.join()
+        wait_closed_by_server(peer, 10 * SOCKET_TIMEOUT)
+        wait_for(lambda: strict.oxwsgi_log().count("POST /read =>") > served_before, "the POST's log", strict)
+        post = [line for line in strict.oxwsgi_log().splitlines() if "POST /read =>" in line][-1]
+        # The trickle lasted TRICKLE_BYTES seconds, several socket timeouts: a thread waiting on it all
+        # along answers nothing meanwhile.
+        assert answered >= ANSWERED_WHILE_TRICKLING, (
+            f"only {answered} good requests were answered while a {size}-byte body trickled in, one byte a "
+            f"second, for {TRICKLE_BYTES} s against a socket timeout of {SOCKET_TIMEOUT} s; the trickled "
+            f"request: {post}\n{strict.report()}"
+        )
+        assert good_request(strict) == 200
+    finally:
+        peer.close()
+
+
 # More than every buffer between the app and a client that stopped reading can take (oxwsgi's socket,
 # nginx's 8 KiB, the loopback connection's few MiB), so the app's writes must block.
 STREAM_CHUNKS = 64
