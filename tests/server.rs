@@ -371,6 +371,24 @@ fn repeated_headers_are_joined_like_nginx_1_23() {
 }
 
 #[test]
+fn repeated_headers_with_equal_values_are_joined_too() {
+    // Python hands out one shared str for a one-character or empty value, and the server reuses the str of
+    // a common header's value: a repeat with the same value must still be joined, not taken for the first.
+    let server = Server::start(&[]);
+    let request = RequestBuilder::get("/environ")
+        .add("HTTP_COOKIE", b"a=1")
+        .add("HTTP_COOKIE", b"a=1")
+        .add("HTTP_X_ONE", b"x")
+        .add("HTTP_X_ONE", b"x")
+        .add("HTTP_X_EMPTY", b"")
+        .add("HTTP_X_EMPTY", b"");
+    let report = report_of(&server, &request);
+    assert_eq!(report.get("HTTP_COOKIE"), "'a=1; a=1'");
+    assert_eq!(report.get("HTTP_X_ONE"), "'x, x'");
+    assert_eq!(report.get("HTTP_X_EMPTY"), "', '");
+}
+
+#[test]
 fn script_name_and_server_name_defaults() {
     let server = Server::start(&[]);
     let request =

@@ -236,13 +236,16 @@ fn insert(
     value: &Bound<'_, PyString>,
     name: &[u8],
 ) -> PyResult<()> {
+    let before = environ.len();
     // SAFETY: all three pointers are live objects held by the caller; PyDict_SetDefault returns a borrowed
     // reference (or NULL with an exception set), which is turned into an owned one before any other call.
     let existing = unsafe {
         let existing = ffi::PyDict_SetDefault(environ.as_ptr(), key.as_ptr(), value.as_ptr());
         Bound::from_borrowed_ptr_or_err(environ.py(), existing)?
     };
-    if existing.is(value) {
+    // Inserted: the dict grew. Not `existing.is(value)`: a repeat can be the very same str object (Python
+    // shares one-character and empty strs, and a common header's value is reused), and must still be joined.
+    if environ.len() > before {
         return Ok(());
     }
     if name.starts_with(b"HTTP_") {
