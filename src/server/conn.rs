@@ -9,6 +9,7 @@
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -22,11 +23,49 @@ pub enum Kind {
     Unix,
 }
 
+/// Request-body bytes a peer must deliver per `--socket-timeout` of waiting on the serving thread. A
+/// timeout per arrival alone lets a body that trickles (a byte now and then, each inside the timeout) hold
+/// the thread for as long as the peer likes; this bounds it to one timeout per 64 KiB, a floor of 16 KiB/s
+/// at the default 4 s, far below any real upload (and nginx, buffering bodies by default, sends at once).
+const BODY_BYTES_PER_TIMEOUT: u64 = 64 * 1024;
+
 /// One accepted connection from nginx. Closed when dropped.
 #[derive(Debug)]
 pub struct Conn {
     socket: Socket,
     kind: Kind,
+    body_wait: BodyWait,
+}
+
+/// How long the serving thread has waited for request-body bytes since the peer last delivered
+/// [`BODY_BYTES_PER_TIMEOUT`] of them. Atomics only so a `Conn` can be shared with the I/O runtime: one
+/// thread reads a body at a time.
+#[derive(Debug, Default)]
+struct BodyWait {
+    waited_nanos: AtomicU64,
+    received: AtomicU64,
+}
+
+impl BodyWait {
+    fn waited(&self) -> Duration {
+        Duration::from_nanos(self.waited_nanos.load(Ordering::Relaxed))
+    }
+
+    fn add_wait(&self, waited: Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.waited_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// `bytes` arrived: enough of them since the last reset gives the peer a full timeout again.
+    fn received(&self, bytes: usize) {
+        let received = self.received.load(Ordering::Relaxed) + bytes as u64;
+        if received >= BODY_BYTES_PER_TIMEOUT {
+            self.received.store(0, Ordering::Relaxed);
+            self.waited_nanos.store(0, Ordering::Relaxed);
+        } else {
+            self.received.store(received, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The same connection, registered with the I/O runtime.
@@ -38,7 +77,7 @@ pub enum TokioStream {
 impl Conn {
     /// `socket` must be a connected, non-blocking stream socket of the family `kind` names.
     pub(super) fn new(socket: Socket, kind: Kind) -> Self {
-        Self { socket, kind }
+        Self { socket, kind, body_wait: BodyWait::default() }
     }
 
     /// Reads what has arrived into the spare capacity of `buf`, without waiting: `WouldBlock` if nothing
@@ -63,8 +102,8 @@ impl Conn {
         sendfile(self.socket.as_fd(), file, offset, count)
     }
 
-    /// Reads request-body bytes into `buf`, waiting up to `timeout` for each arrival. `Ok(0)` means the
-    /// peer closed the connection.
+    /// Reads request-body bytes into `buf`, waiting up to `timeout` for each arrival, and up to `timeout`
+    /// in all for each [`BODY_BYTES_PER_TIMEOUT`] of body. `Ok(0)` means the peer closed the connection.
     ///
     /// This is the one place a serving thread waits on its peer: the app asked for more body than came
     /// with the packet, so it cannot go on before the bytes arrive, wherever it waits. Through nginx the
@@ -72,15 +111,27 @@ impl Conn {
     /// client; bodies small enough to hold in memory are read by the I/O runtime before the app starts.
     /// `buf` may be uninitialised: the first `Ok(n)` bytes are initialised by the read.
     pub fn read_body(&self, buf: &mut [MaybeUninit<u8>], timeout: Duration) -> io::Result<usize> {
-        let deadline = Instant::now() + timeout;
         loop {
             match self.socket.recv(buf) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                done => return done,
+                Ok(read) => {
+                    self.body_wait.received(read);
+                    return Ok(read);
+                }
+                Err(err) => return Err(err),
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !wait_for(self.socket.as_fd(), libc::POLLIN, left)? {
+            let left = timeout.saturating_sub(self.body_wait.waited());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request body came too slowly (less than 64 KiB per --socket-timeout of waiting)",
+                ));
+            }
+            let started = Instant::now();
+            let ready = wait_for(self.socket.as_fd(), libc::POLLIN, left);
+            self.body_wait.add_wait(started.elapsed());
+            if !ready? {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "timed out waiting for the request body",
@@ -108,7 +159,7 @@ impl Conn {
     /// A second descriptor for the same connection, for the I/O runtime while a request body reader on
     /// the serving thread still holds this one.
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self { socket: self.socket.try_clone()?, kind: self.kind })
+        Ok(Self { socket: self.socket.try_clone()?, kind: self.kind, body_wait: BodyWait::default() })
     }
 
     /// Registers the connection with the current tokio runtime. Must be called inside it.
