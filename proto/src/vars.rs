@@ -1,6 +1,6 @@
 //! The vars block: the CGI-style key/value records that follow the header. It owns the record
 //! grammar and [`Vars`], a validated view that borrows the input and never copies or allocates.
-//! Meaning (which keys matter, how `HTTP_*` maps to headers) belongs to the server.
+//! What the vars mean to a WSGI app (which are left out, how repeats combine) is `environ`'s.
 
 use std::iter::FusedIterator;
 

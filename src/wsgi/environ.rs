@@ -1,8 +1,9 @@
 //! The WSGI environ: a fresh `dict` per request, built from the uwsgi vars nginx sent and the server's own
 //! `wsgi.*` entries (PEP 3333).
 //!
-//! Keys nginx sends on nearly every request are interned once; values are latin-1 `str`s. Decisions that
-//! need no interpreter (scheme, host fallbacks) are plain functions, tested without Python.
+//! What goes in it is decided by `oxwsgi_proto::environ` (which vars, how repeats combine, the scheme and
+//! the host fallbacks), without Python; this module only makes the objects. Keys nginx sends on nearly every
+//! request are interned once; values are latin-1 `str`s.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -10,6 +11,8 @@ use std::hash::{BuildHasherDefault, Hasher};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyType};
+
+use oxwsgi_proto::environ::{self, Listener, Repeat, Scheme};
 
 use super::streams::{ErrorStream, FileWrapper, Input};
 use crate::server::RequestHead;
@@ -161,7 +164,8 @@ impl EnvironTemplate {
         })
     }
 
-    /// A fresh environ for `request`, with `input` as `wsgi.input`.
+    /// A fresh environ for `request`, with `input` as `wsgi.input`: what [`environ::map_vars`] decides, as
+    /// Python objects.
     pub(super) fn build<'py>(
         &mut self,
         py: Python<'py>,
@@ -169,40 +173,34 @@ impl EnvironTemplate {
         input: &Bound<'py, Input>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let environ = self.constants.bind(py).copy()?;
-        let mut seen = Seen::default();
-        for (name, value) in request.vars() {
-            if name == b"HTTP_CONTENT_TYPE" || name == b"HTTP_CONTENT_LENGTH" {
-                continue; // nginx sends these twice; PEP 3333 (and wsgiref.validate) want only CONTENT_*
-            }
-            seen.note(name, value);
-            let (key, value) = match self.keys.get_mut(name) {
+        let listener = Listener {
+            server_name: request.listener.server_name.as_bytes(),
+            server_port: request.listener.server_port.as_bytes(),
+        };
+        let keys = &mut self.keys;
+        let added = environ::map_vars(request.vars(), &listener, |name, value, repeat| {
+            let (key, value) = match keys.get_mut(name) {
                 Some(known) => (known.key.bind(py).clone(), known.value(py, value)?),
                 None => (latin1(py, name)?, latin1(py, value)?),
             };
-            insert(&environ, &key, &value, name)?;
-        }
-        if !seen.script_name {
+            insert(&environ, &key, &value, repeat)
+        })?;
+        if added.script_name {
             environ.set_item(self.script_name.bind(py), self.empty.bind(py))?;
         }
-        if seen.server_name.is_none_or(<[u8]>::is_empty) {
-            let name = host_part(seen.http_host).unwrap_or(request.listener.server_name.as_bytes());
+        if let Some(name) = added.server_name {
             environ.set_item(self.server_name.bind(py), latin1(py, name)?)?;
         }
-        let https = is_https(&seen);
-        if seen.server_port.is_none_or(<[u8]>::is_empty) {
-            let default = if https { "443" } else { "80" };
-            let port = port_part(seen.http_host)
-                .or_else(|| {
-                    (!request.listener.server_port.is_empty())
-                        .then_some(request.listener.server_port.as_bytes())
-                })
-                .unwrap_or(default.as_bytes());
+        if let Some(port) = added.server_port {
             environ.set_item(self.server_port.bind(py), latin1(py, port)?)?;
         }
-        let scheme = if https { &self.https } else { &self.http };
+        let scheme = match added.url_scheme {
+            Scheme::Https => &self.https,
+            Scheme::Http => &self.http,
+        };
         environ.set_item(self.url_scheme.bind(py), scheme.bind(py))?;
         environ.set_item(self.input.bind(py), input)?;
-        if seen.dechunked() {
+        if added.input_terminated {
             environ.set_item(self.input_terminated.bind(py), true)?;
         }
         Ok(environ)
@@ -228,13 +226,12 @@ impl KnownKey {
     }
 }
 
-/// Inserts one var. A repeated `HTTP_*` key is one header sent twice (nginx < 1.23 does not join them):
-/// join the values as nginx >= 1.23 does, `"; "` for cookies and `", "` otherwise. Other repeats: last wins.
+/// Inserts one var; a key already there is joined or replaced as `repeat` says.
 fn insert(
     environ: &Bound<'_, PyDict>,
     key: &Bound<'_, PyString>,
     value: &Bound<'_, PyString>,
-    name: &[u8],
+    repeat: Repeat,
 ) -> PyResult<()> {
     let before = environ.len();
     // SAFETY: all three pointers are live objects held by the caller; PyDict_SetDefault returns a borrowed
@@ -248,11 +245,9 @@ fn insert(
     if environ.len() > before {
         return Ok(());
     }
-    if name.starts_with(b"HTTP_") {
-        let separator = if name == b"HTTP_COOKIE" { "; " } else { ", " };
-        environ.set_item(key, existing.add(separator)?.add(value)?)
-    } else {
-        environ.set_item(key, value)
+    match repeat {
+        Repeat::Join(separator) => environ.set_item(key, existing.add(separator)?.add(value)?),
+        Repeat::Replace => environ.set_item(key, value),
     }
 }
 
@@ -277,128 +272,5 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyString>> 
     unsafe {
         let text = ffi::PyUnicode_DecodeLatin1(bytes.as_ptr().cast(), len, std::ptr::null());
         Ok(Bound::from_owned_ptr_or_err(py, text)?.cast_into_unchecked())
-    }
-}
-
-/// The vars that decide the server's own environ entries.
-#[derive(Default)]
-struct Seen<'a> {
-    script_name: bool,
-    server_name: Option<&'a [u8]>,
-    server_port: Option<&'a [u8]>,
-    http_host: Option<&'a [u8]>,
-    https: Option<&'a [u8]>,
-    request_scheme: Option<&'a [u8]>,
-    uwsgi_scheme: Option<&'a [u8]>,
-    transfer_encoding: Option<&'a [u8]>,
-}
-
-impl<'a> Seen<'a> {
-    fn note(&mut self, name: &[u8], value: &'a [u8]) {
-        match name {
-            b"SCRIPT_NAME" => self.script_name = true,
-            b"SERVER_NAME" => self.server_name = Some(value),
-            b"SERVER_PORT" => self.server_port = Some(value),
-            b"HTTP_HOST" => self.http_host = Some(value),
-            b"HTTPS" => self.https = Some(value),
-            b"REQUEST_SCHEME" => self.request_scheme = Some(value),
-            b"UWSGI_SCHEME" => self.uwsgi_scheme = Some(value),
-            b"HTTP_TRANSFER_ENCODING" => self.transfer_encoding = Some(value),
-            _ => {}
-        }
-    }
-}
-
-impl Seen<'_> {
-    /// The client sent a chunked body, which nginx de-chunked and framed with `CONTENT_LENGTH`. The
-    /// `HTTP_TRANSFER_ENCODING: chunked` it still passes on makes Werkzeug and others ignore
-    /// `CONTENT_LENGTH` and see an empty body (pallets/werkzeug#2346) — unless `wsgi.input_terminated` says
-    /// the stream ends by itself, which ours does, at `CONTENT_LENGTH`. Only then is it set: with it, Werkzeug
-    /// reads the raw stream with `read()` and no size, which `wsgiref.validate` forbids, while without it
-    /// Werkzeug wraps the stream and reads with sizes as PEP 3333 expects.
-    fn dechunked(&self) -> bool {
-        self.transfer_encoding.is_some_and(|te| te.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked")))
-    }
-}
-
-/// `wsgi.url_scheme` comes only from what nginx itself sets — `UWSGI_SCHEME`, `HTTPS`, `REQUEST_SCHEME`, in
-/// that order — never from a client header such as `X-Forwarded-Proto` (which uWSGI trusts verbatim).
-fn is_https(seen: &Seen<'_>) -> bool {
-    let scheme = |v: &[u8]| match v {
-        v if v.eq_ignore_ascii_case(b"https") => Some(true),
-        v if v.eq_ignore_ascii_case(b"http") => Some(false),
-        _ => None,
-    };
-    if let Some(https) = seen.uwsgi_scheme.and_then(scheme) {
-        return https;
-    }
-    if let Some(flag) = seen.https.filter(|v| !v.is_empty()) {
-        return flag.eq_ignore_ascii_case(b"on") || flag == b"1";
-    }
-    seen.request_scheme.and_then(scheme).unwrap_or(false)
-}
-
-/// `example.com` from `example.com:8080`, `[::1]` from `[::1]:8080`.
-fn host_part(host: Option<&[u8]>) -> Option<&[u8]> {
-    let host = host.filter(|h| !h.is_empty())?;
-    let end = if host.starts_with(b"[") {
-        host.iter().position(|&b| b == b']').map_or(host.len(), |i| i + 1)
-    } else {
-        host.iter().position(|&b| b == b':').unwrap_or(host.len())
-    };
-    Some(&host[..end]).filter(|h| !h.is_empty())
-}
-
-fn port_part(host: Option<&[u8]>) -> Option<&[u8]> {
-    let host = host?;
-    let name_len = host_part(Some(host))?.len();
-    let port = host[name_len..].strip_prefix(b":")?;
-    (!port.is_empty() && port.iter().all(u8::is_ascii_digit)).then_some(port)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seen<'a>(pairs: &[(&[u8], &'a [u8])]) -> Seen<'a> {
-        let mut seen = Seen::default();
-        for (name, value) in pairs {
-            seen.note(name, value);
-        }
-        seen
-    }
-
-    #[test]
-    fn scheme_comes_only_from_trusted_vars() {
-        assert!(!is_https(&seen(&[])));
-        assert!(!is_https(&seen(&[(b"HTTP_X_FORWARDED_PROTO", b"https")])));
-        assert!(is_https(&seen(&[(b"HTTPS", b"on")])));
-        assert!(is_https(&seen(&[(b"HTTPS", b"1")])));
-        assert!(!is_https(&seen(&[(b"HTTPS", b"off")])));
-        assert!(is_https(&seen(&[(b"REQUEST_SCHEME", b"https")])));
-        assert!(!is_https(&seen(&[(b"REQUEST_SCHEME", b"http"), (b"HTTPS", b"")])));
-        assert!(is_https(&seen(&[(b"UWSGI_SCHEME", b"https"), (b"REQUEST_SCHEME", b"http")])));
-        assert!(!is_https(&seen(&[(b"UWSGI_SCHEME", b"javascript")])));
-    }
-
-    #[test]
-    fn input_terminated_only_for_dechunked_bodies() {
-        assert!(!seen(&[(b"CONTENT_LENGTH", b"10")]).dechunked());
-        assert!(seen(&[(b"HTTP_TRANSFER_ENCODING", b"chunked")]).dechunked());
-        assert!(seen(&[(b"HTTP_TRANSFER_ENCODING", b"gzip, Chunked")]).dechunked());
-        assert!(!seen(&[(b"HTTP_TRANSFER_ENCODING", b"gzip")]).dechunked());
-    }
-
-    #[test]
-    fn host_and_port_fallbacks() {
-        assert_eq!(host_part(Some(b"example.com:8080")), Some(&b"example.com"[..]));
-        assert_eq!(port_part(Some(b"example.com:8080")), Some(&b"8080"[..]));
-        assert_eq!(host_part(Some(b"[::1]:8080")), Some(&b"[::1]"[..]));
-        assert_eq!(port_part(Some(b"[::1]:8080")), Some(&b"8080"[..]));
-        assert_eq!(host_part(Some(b"example.com")), Some(&b"example.com"[..]));
-        assert_eq!(port_part(Some(b"example.com")), None);
-        assert_eq!(host_part(Some(b"")), None);
-        assert_eq!(host_part(Some(b":80")), None);
-        assert_eq!(port_part(Some(b"example.com:x")), None);
     }
 }
