@@ -389,6 +389,19 @@ fn repeated_headers_with_equal_values_are_joined_too() {
 }
 
 #[test]
+fn vars_cannot_replace_the_servers_own_entries() {
+    let server = Server::start(&[]);
+    let request = RequestBuilder::get("/environ")
+        .add("wsgi.errors", b"not a stream")
+        .add("wsgi.input_terminated", b"1")
+        .add("oxwsgi.version", b"0");
+    let report = report_of(&server, &request);
+    assert!(report.get("wsgi.errors").starts_with("'<"), "{}", report.get("wsgi.errors"));
+    assert!(!report.has("wsgi.input_terminated"), "{report:#?}");
+    assert!(report.get("oxwsgi.version").starts_with("'0."), "{}", report.get("oxwsgi.version"));
+}
+
+#[test]
 fn script_name_and_server_name_defaults() {
     let server = Server::start(&[]);
     let request =

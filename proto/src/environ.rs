@@ -16,6 +16,11 @@ use std::convert::Infallible;
 /// (`wsgiref.validate` refuses the second), so the `HTTP_` copies are left out.
 pub const DROPPED_VARS: [&[u8]; 2] = [b"HTTP_CONTENT_TYPE", b"HTTP_CONTENT_LENGTH"];
 
+/// Prefixes of the keys a server puts in the environ itself (`wsgi.input`, `wsgi.errors`, ...; oxwsgi's own
+/// `oxwsgi.version`). A var with such a name is left out: it could only come from an odd `uwsgi_param` or a
+/// client speaking uwsgi to the socket directly, and must never replace the server's stream or flag.
+pub const SERVER_KEY_PREFIXES: [&[u8]; 2] = [b"wsgi.", b"oxwsgi."];
+
 /// `wsgi.url_scheme`: only ever `http` or `https`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -51,10 +56,10 @@ pub enum Repeat {
     Replace,
 }
 
-/// How the var called `name` enters the environ: `None` if it is left out ([`DROPPED_VARS`]), else what it
-/// does when its key is already there.
+/// How the var called `name` enters the environ: `None` if it is left out ([`DROPPED_VARS`],
+/// [`SERVER_KEY_PREFIXES`]), else what it does when its key is already there.
 pub fn var_entry(name: &[u8]) -> Option<Repeat> {
-    if DROPPED_VARS.contains(&name) {
+    if DROPPED_VARS.contains(&name) || SERVER_KEY_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
         return None;
     }
     if !name.starts_with(b"HTTP_") {
@@ -292,6 +297,9 @@ mod tests {
             (b"CONTENT_TYPE", b"text/plain"),
             (b"HTTP_CONTENT_LENGTH", b"0"),
             (b"HTTP_X_BIN", b"\xff\x00"),
+            (b"wsgi.errors", b"a str in place of the stream"),
+            (b"oxwsgi.version", b"0"),
+            (b"wsgi", b"not a server key"),
         ]);
         let keys: Vec<&[u8]> = env.vars.iter().map(|(k, _)| *k).collect();
         assert_eq!(
@@ -300,6 +308,7 @@ mod tests {
                 &b"REQUEST_METHOD"[..],
                 b"CONTENT_TYPE",
                 b"HTTP_X_BIN",
+                b"wsgi",
                 b"SCRIPT_NAME",
                 b"SERVER_NAME",
                 b"SERVER_PORT"
