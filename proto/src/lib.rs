@@ -13,6 +13,7 @@
 //! - `header`: the 4-byte header, modifier constants, [`pong`].
 //! - `vars`: the key/value record grammar and the borrowed [`Vars`] view.
 //! - `error`: [`ProtocolError`].
+//! - `body`: the request body's framing: `CONTENT_LENGTH`, and counting the body as it arrives.
 //! - `environ`: what the WSGI environ makes of the vars (left-out vars, repeats, `wsgi.url_scheme`, the
 //!   `SERVER_NAME` / `SERVER_PORT` / `SCRIPT_NAME` defaults), for a server to turn into its own objects.
 //! - `response`: what goes back — the HTTP response head a server writes, validated and encoded (uwsgi
@@ -20,6 +21,7 @@
 //! - this file: [`Limits`], [`parse_packet`] (and [`parse_packet_each`]), [`encode_packet`],
 //!   [`looks_like_http`], [`parse_decimal`] (for `CONTENT_LENGTH`).
 
+pub mod body;
 pub mod environ;
 pub mod error;
 pub mod header;

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use oxwsgi_proto::body::{parse_content_length, BodyFraming};
 use oxwsgi_proto::{parse_packet_each, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
 
 use super::conn::Conn;
 use crate::metrics::model::Method;
-use oxwsgi_proto::parse_decimal;
 
 /// Bodies up to this size are read into memory by the I/O runtime before the app starts, when they did not
 /// come whole with the packet, so a slow or stalled peer never holds a Python thread for them. Nearly every
@@ -98,12 +98,8 @@ pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Opt
     };
     debug_assert_eq!(packet.header.modifier1, MODIFIER_WSGI);
     let method_value = method.ok_or(FramingError::BadRequest("no REQUEST_METHOD"))?;
-    let content_length = match content_length {
-        None | Some(b"") => 0,
-        Some(value) => {
-            parse_decimal(value).ok_or(FramingError::BadRequest("CONTENT_LENGTH is not a number"))?
-        }
-    };
+    let content_length = parse_content_length(content_length)
+        .ok_or(FramingError::BadRequest("CONTENT_LENGTH is not a number"))?;
     if let Some(limit) = limit_post.filter(|&limit| content_length > limit) {
         return Err(FramingError::BodyTooLarge { length: content_length, limit });
     }
@@ -213,8 +209,8 @@ impl fmt::Display for RequestLine {
 pub struct Body {
     /// Received, not yet given to the app.
     current: Bytes,
-    /// Still to come.
-    unread: u64,
+    /// The part of the body still to come: reads never ask for more, and it is complete when all came.
+    unread: BodyFraming,
     source: Source,
 }
 
@@ -231,23 +227,23 @@ enum Source {
 impl Body {
     /// A body that is all in memory.
     pub(super) fn complete(received: Bytes) -> Self {
-        Self { current: received, unread: 0, source: Source::Complete }
+        Self { current: received, unread: BodyFraming::new(0), source: Source::Complete }
     }
 
     /// A body of which `unread` bytes are still on `conn`.
     pub(super) fn streaming(received: Bytes, unread: u64, conn: Arc<Conn>, timeout: Duration) -> Self {
-        Self { current: received, unread, source: Source::Socket(conn, timeout) }
+        Self { current: received, unread: BodyFraming::new(unread), source: Source::Socket(conn, timeout) }
     }
 
     /// A body that stopped arriving after `received` (`unread` bytes never came).
     pub(super) fn failed(received: Bytes, unread: u64, error: io::ErrorKind, why: &'static str) -> Self {
-        Self { current: received, unread, source: Source::Failed(error, why) }
+        Self { current: received, unread: BodyFraming::new(unread), source: Source::Failed(error, why) }
     }
 
     /// Bytes still on the socket: what must be drained if the app does not read them.
     pub fn on_socket(&self) -> u64 {
         if matches!(self.source, Source::Socket(..)) {
-            self.unread
+            self.unread.remaining()
         } else {
             0
         }
@@ -255,7 +251,7 @@ impl Body {
 
     /// Bytes left for the app: in memory and still to come.
     pub fn available(&self) -> u64 {
-        self.current.len() as u64 + self.unread
+        self.current.len() as u64 + self.unread.remaining()
     }
 
     /// The received bytes not yet taken.
@@ -269,10 +265,10 @@ impl Body {
         if !self.current.is_empty() {
             return Ok(true);
         }
-        if self.unread == 0 {
+        if self.unread.is_complete() {
             return Ok(false);
         }
-        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(BODY_READ_SIZE);
+        let want = self.unread.read_size(BODY_READ_SIZE);
         let mut chunk = BytesMut::with_capacity(want);
         let read = self.read_from_socket(&mut chunk.spare_capacity_mut()[..want])?;
         // SAFETY: the read initialised the first `read` bytes of the spare capacity.
@@ -291,7 +287,7 @@ impl Body {
             Source::Failed(kind, why) => return Err(io::Error::new(*kind, *why)),
             Source::Complete => return Ok(0),
         };
-        let want = usize::try_from(self.unread).unwrap_or(usize::MAX).min(buf.len());
+        let want = self.unread.read_size(buf.len());
         if want == 0 {
             return Ok(0);
         }
@@ -299,8 +295,9 @@ impl Body {
             Ok(0) => Err(self
                 .fail(io::ErrorKind::UnexpectedEof, "the connection closed before the whole body arrived")),
             Ok(read) => {
-                self.unread -= read as u64;
-                if self.unread == 0 {
+                // All of it is body: the read asked for no more than the body's rest.
+                self.unread.take(read);
+                if self.unread.is_complete() {
                     // Let go of the connection: the response side closes it as soon as it is done.
                     self.source = Source::Complete;
                 }
@@ -327,7 +324,7 @@ impl Body {
     pub fn end(&mut self) -> u64 {
         let on_socket = self.on_socket();
         self.current = Bytes::new();
-        self.unread = 0;
+        self.unread = BodyFraming::new(0);
         self.source =
             Source::Failed(io::ErrorKind::Other, "the request is over: wsgi.input cannot be read after it");
         on_socket

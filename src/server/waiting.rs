@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use oxwsgi_proto::body::BodyFraming;
 use oxwsgi_proto::{parse_header, ProtocolError, HEADER_LEN, MODIFIER_PING, MODIFIER_WSGI};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -219,20 +220,22 @@ async fn read_request_then_queue<S: Stream>(
             return;
         }
     };
-    let in_buffer = (buf.len() - framing.packet_len) as u64;
-    let unread = framing.content_length.saturating_sub(in_buffer);
+    let mut body = BodyFraming::new(framing.content_length);
+    body.take(buf.len() - framing.packet_len);
     let mut failure = None;
-    if unread > 0 && unread <= BUFFERED_BODY_MAX {
+    if !body.is_complete() && body.remaining() <= BUFFERED_BODY_MAX {
         // Small enough to hold: read it all now, so no Python thread waits for it.
-        let whole = framing.packet_len + usize::try_from(framing.content_length).unwrap_or(usize::MAX);
-        buf.reserve(whole - buf.len());
-        while buf.len() < whole {
+        buf.reserve(body.read_size(usize::MAX)); // room for the rest of the body, no more
+        while !body.is_complete() {
             failure = match read_more(&mut stream, &mut buf, config.socket_timeout).await {
                 Ok(0) => Some((
                     io::ErrorKind::UnexpectedEof,
                     "the connection closed before the whole body arrived",
                 )),
-                Ok(_) => continue,
+                Ok(read) => {
+                    body.take(read);
+                    continue;
+                }
                 Err(Refused::Timeout { .. }) => {
                     Some((io::ErrorKind::TimedOut, "timed out waiting for the request body"))
                 }
@@ -300,9 +303,9 @@ async fn read_request<S: Stream>(
             Ok(Some(framing)) => return Ok(Incoming::Request(framing)),
             Ok(None) => {}
             Err(FramingError::BodyTooLarge { length, limit }) => {
-                let packet_len = HEADER_LEN + usize::from(header.datasize);
-                let unread = length.saturating_sub((buf.len() - packet_len) as u64);
-                return Err((Refused::BodyTooLarge { length, limit }, unread));
+                let mut body = BodyFraming::new(length);
+                body.take(buf.len() - (HEADER_LEN + usize::from(header.datasize)));
+                return Err((Refused::BodyTooLarge { length, limit }, body.remaining()));
             }
             Err(err) => return Err(refuse(err.into())),
         }
