@@ -1,5 +1,6 @@
 //! Fuzz target: the response head check on an arbitrary status and header list (any bytes: CR, LF, NUL,
-//! non-latin-1, hop-by-hop names, repeated Content-Length, hundreds of headers) and body length. It must
+//! non-latin-1, hop-by-hop names, repeated Content-Length, hundreds of headers) and body length, read as
+//! `oxwsgi_proto_fuzz::HeadInput` fields. It must
 //! never panic, and a head it accepts must be one nginx parses as the app meant: one status line and one
 //! line per header it keeps, no stray CR or LF, no hop-by-hop or `Status` header (`Connection` and
 //! `Keep-Alive` are left out, the others refused), at most one Content-Length.
@@ -8,6 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use oxwsgi_proto::response::Head;
+use oxwsgi_proto_fuzz::HeadInput;
 
 /// Names that never reach nginx from an app (hop-by-hop per RFC 9110, and CGI's `Status`).
 const REFUSED: [&[u8]; 10] = [
@@ -23,10 +25,9 @@ const REFUSED: [&[u8]; 10] = [
     b"status",
 ];
 
-fuzz_target!(|input: (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>, Option<u64>)| {
-    let (status, headers, body_len) = input;
-    let refs = headers.iter().map(|(name, value)| (&name[..], &value[..]));
-    let Ok(head) = Head::new(&status, refs) else { return };
+fuzz_target!(|input: &[u8]| {
+    let HeadInput { status, body_len, headers } = HeadInput::decode(input);
+    let Ok(head) = Head::new(status, headers.iter().copied()) else { return };
     assert!((200..=999).contains(&head.status()));
     let bytes = head.finish(body_len);
     let text = bytes.strip_suffix(b"\r\n\r\n").expect("a head ends with a blank line");
@@ -37,7 +38,9 @@ fuzz_target!(|input: (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>, Option<u64>)| {
     let derived = usize::from(head.content_length().is_none() && body_len.is_some() && !head.forbids_body());
     let dropped = headers
         .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"))
+        .filter(|(name, _)| {
+            name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
+        })
         .count();
     assert_eq!(lines.len(), 1 + headers.len() - dropped + derived, "one line per kept header");
     let mut lengths = 0;
