@@ -313,6 +313,18 @@ impl Body {
         }
     }
 
+    /// The peer closed or reset the connection before the whole body came: through nginx, the client went
+    /// away mid-upload (with `uwsgi_request_buffering off`), so what the app raises is no fault of its own.
+    pub fn peer_closed(&self) -> bool {
+        matches!(
+            self.source,
+            Source::Failed(
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe,
+                _
+            )
+        )
+    }
+
     /// After a failure the body is unusable: later reads fail the same way instead of waiting again.
     fn fail(&mut self, kind: io::ErrorKind, why: &'static str) -> io::Error {
         self.source = Source::Failed(kind, why);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use super::environ::EnvironTemplate;
 use super::harakiri::{self, Board};
@@ -218,6 +218,7 @@ fn run(
         }
     })();
     let client_gone = lock(py, &sink).client_gone();
+    let body_cut = input.get().peer_closed(py);
     // The failure is logged before the connection ends, so its consequence (a 500, an abort) follows it
     // in the log.
     let outcome = match result {
@@ -225,6 +226,11 @@ fn run(
         // The connection logs the disconnect; what it makes the app raise is not an app error.
         Err(_) if client_gone => {
             debug!(request = %line, "the app stopped: the client closed the connection");
+            Outcome::Served
+        }
+        // What the app raised reading a body the client never finished sending is no app error either.
+        Err(_) if body_cut => {
+            info!(request = %line, "the app stopped: the client closed the connection before sending the whole body");
             Outcome::Served
         }
         Err(Failure::Python(err)) => {

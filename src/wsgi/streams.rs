@@ -42,6 +42,11 @@ impl Input {
         self.lock(py).on_socket()
     }
 
+    /// The client went away before sending the whole body (see [`Body::peer_closed`]).
+    pub(super) fn peer_closed(&self, py: Python<'_>) -> bool {
+        self.lock(py).peer_closed()
+    }
+
     /// The request is over: returns the body bytes still on the socket (to drain), and makes later reads fail.
     pub(super) fn end(&self, py: Python<'_>) -> u64 {
         self.lock(py).end()
