@@ -152,6 +152,34 @@ fn malformed_vars_are_closed_without_reply() {
     assert_still_serving(&server);
 }
 
+/// A peer sending bad packets as fast as it can gets a few log lines a second, not one per connection,
+/// and the lines that do go out say how many were left out.
+#[test]
+fn a_flood_of_refusals_is_logged_within_a_budget() {
+    /// Far more than the server logs in a second (10).
+    const FLOOD: usize = 200;
+    let server = Server::start(&[]);
+    let empty_wsgi_packet = [0, 0, 0, 0];
+    for _ in 0..FLOOD {
+        assert_closed_without_reply(&server, &empty_wsgi_packet, "empty WSGI packet");
+    }
+    // One more bad packet at a time until a line says how many were left out (the budget is renewed
+    // every second).
+    let mut log = server.log();
+    for _ in 0..support::POLL_TRIES {
+        if log.contains("more refusals not logged since the last such line") {
+            break;
+        }
+        thread::sleep(support::POLL_INTERVAL);
+        assert_closed_without_reply(&server, &empty_wsgi_packet, "empty WSGI packet");
+        log = server.log();
+    }
+    assert!(log.contains("more refusals not logged since the last such line"), "{log}");
+    let logged = log.matches("refused a connection").count();
+    assert!(logged < FLOOD / 2, "{logged} lines for {FLOOD} refusals:\n{log}");
+    assert_still_serving(&server);
+}
+
 #[test]
 fn datasize_over_buffer_size_is_refused_at_the_limit_accepted() {
     let server = Server::start(&["--buffer-size", "100"]);

@@ -9,6 +9,7 @@
 //! through the [`JobQueue`], whose eventfd is in the same epoll sets. No pyo3 here.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -28,6 +29,7 @@ use tracing::{error, info, warn};
 use super::accept_errors::AcceptErrors;
 use super::conn::{Conn, Kind};
 use super::listener::BoundSocket;
+use super::log_budget::{left_out, LogBudget};
 use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
 use super::responder::{Record, Responder};
 use crate::config::{ServerConfig, SocketSpec};
@@ -45,6 +47,9 @@ const READ_BUFFER_SIZE: usize = 2 * 64 * 1024;
 const HOT_LISTENER_STREAK: u32 = 64;
 /// Events one `epoll_wait` returns: listeners plus the queue and shutdown eventfds.
 const EPOLL_EVENTS: usize = 16;
+/// Refused connections logged per second, at most: enough to see every kind in a burst of them; the
+/// rest are counted (`oxwsgi_protocol_errors_total`) and their number goes into the next line.
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
 /// First pause after `accept()` fails with anything but "nothing to accept".
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU
@@ -148,6 +153,7 @@ pub struct Front {
     /// Any of the three counts above went down.
     changed: Notify,
     accept_errors: AcceptErrors,
+    refusals: LogBudget,
 }
 
 impl Front {
@@ -197,6 +203,7 @@ impl Front {
             arrivals: AtomicUsize::new(0),
             changed: Notify::new(),
             accept_errors: AcceptErrors::new(),
+            refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
         }))
     }
 
@@ -247,6 +254,15 @@ impl Front {
             unparked: Vec::new(),
             backoff: MIN_ACCEPT_BACKOFF,
         })
+    }
+
+    /// Counts a connection refused for `kind` of protocol error and logs why, within the refusals' budget:
+    /// a peer opening thousands of bad or idle connections must not write thousands of lines a second.
+    pub(super) fn refused(&self, kind: ProtocolErrorKind, why: &dyn fmt::Display) {
+        self.metrics.protocol_error(kind);
+        if let Some(unlogged) = self.refusals.admit() {
+            warn!("refused a connection: {why}{}", left_out(unlogged, "refusals"));
+        }
     }
 
     /// Runs `task` on the I/O runtime; shutdown waits for it.
@@ -702,8 +718,7 @@ impl Acceptor {
                 return None;
             }
             Err(err) => {
-                warn!("refused a connection: read error: {err}");
-                front.metrics.protocol_error(ProtocolErrorKind::ReadError);
+                front.refused(ProtocolErrorKind::ReadError, &format_args!("read error: {err}"));
                 return None;
             }
         }

@@ -10,6 +10,7 @@ mod accept_errors;
 mod conn;
 mod front;
 mod listener;
+mod log_budget;
 mod request;
 mod responder;
 mod waiting;

@@ -207,8 +207,7 @@ async fn read_request_then_queue<S: Stream>(
         }
         Ok(Incoming::Request(framing)) => framing,
         Err((refused, unread)) => {
-            warn!("refused a connection: {refused}");
-            front.metrics.protocol_error(refused.kind());
+            front.refused(refused.kind(), &refused);
             if let Some(reply) = refused.reply() {
                 if write_all(&mut stream, vec![Bytes::from_static(reply)], config.socket_timeout)
                     .await
