@@ -650,8 +650,8 @@ def goals(o: Outcome) -> list[tuple[str, bool, str]]:
     return results
 
 
-# The log lines the traffic asks for: /raise and the aborted uploads (whose read of wsgi.input raises) are
-# app exceptions; nginx warns about every 1 MiB upload it buffers to a file. Anything else at warning level
+# The log lines the traffic asks for: /raise is an app exception (an aborted upload is an INFO line: the
+# client left); nginx warns about every 1 MiB upload it buffers to a file. Anything else at warning level
 # or worse, or a panic, is not what the soak sent.
 EXPECTED_SERVER_LINES = ("ERROR oxwsgi::wsgi::pool: app raised an exception",)
 EXPECTED_NGINX_LINES = ("warn a client request body is buffered to a temporary file",)
