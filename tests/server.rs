@@ -244,6 +244,28 @@ fn silent_client_times_out_without_reply() {
     assert_still_serving(&server);
 }
 
+/// A packet trickled a byte at a time, each byte well inside the timeout, is still cut off: the whole
+/// packet must arrive within one --socket-timeout, or a peer keeps its connection as long as it likes.
+#[test]
+fn a_trickled_packet_is_cut_off_after_one_socket_timeout() {
+    /// Far inside the 1 s timeout: a timeout per arrival would never fire.
+    const BYTE_EVERY: Duration = Duration::from_millis(200);
+    let server = Server::start(&["--socket-timeout", "1"]);
+    let packet = RequestBuilder::get("/peak").packet();
+    let mut conn = server.connect();
+    let mut sent = 0;
+    for byte in &packet {
+        if conn.write_all(std::slice::from_ref(byte)).and_then(|()| conn.flush()).is_err() {
+            break; // the server closed the connection
+        }
+        sent += 1;
+        thread::sleep(BYTE_EVERY);
+    }
+    assert!(sent < packet.len(), "all {sent} bytes went in: the trickle was never cut off");
+    server.wait_log("timed out waiting for the request after");
+    assert_still_serving(&server);
+}
+
 /// A server that traces how much of a request has arrived, each time more does.
 fn tracing_arrivals() -> Server {
     Server::builder().env("OXWSGI_LOG", "info,oxwsgi::server::arrival=trace").start()

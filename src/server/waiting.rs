@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use oxwsgi_proto::body::BodyFraming;
@@ -225,8 +225,11 @@ async fn read_request_then_queue<S: Stream>(
     if !body.is_complete() && body.remaining() <= BUFFERED_BODY_MAX {
         // Small enough to hold: read it all now, so no Python thread waits for it.
         buf.reserve(body.read_size(usize::MAX)); // room for the rest of the body, no more
+                                                 // At most 64 KiB, all within one timeout: the floor a body read on a Python thread is held to.
+        let deadline = Instant::now() + config.socket_timeout;
         while !body.is_complete() {
-            failure = match read_more(&mut stream, &mut buf, config.socket_timeout).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            failure = match read_more(&mut stream, &mut buf, left).await {
                 Ok(0) => Some((
                     io::ErrorKind::UnexpectedEof,
                     "the connection closed before the whole body arrived",
@@ -270,11 +273,15 @@ async fn read_request<S: Stream>(
 ) -> Result<Incoming, (Refused, u64)> {
     let config = &front.config;
     let refuse = |refused| (refused, 0);
+    // The whole packet within one timeout, not one timeout per arrival: nginx writes it at once, and a
+    // peer trickling a byte at a time would otherwise keep a task and a descriptor as long as it likes.
+    let deadline = Instant::now() + config.socket_timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
     let header = loop {
         if let Some(header) = parse_header(buf).map_err(|e| refuse(Refused::Protocol(e)))? {
             break header;
         }
-        if read_more(reader, buf, config.socket_timeout).await.map_err(refuse)? == 0 {
+        if read_more(reader, buf, left()).await.map_err(refuse)? == 0 {
             return if buf.is_empty() {
                 Ok(Incoming::Nothing)
             } else {
@@ -287,7 +294,7 @@ async fn read_request<S: Stream>(
         MODIFIER_PING if header.datasize == 0 => return Ok(Incoming::Ping),
         first if first.is_ascii_uppercase() => {
             // Every HTTP method starts with an uppercase letter, which no request modifier is.
-            while buf.len() < 8 && read_more(reader, buf, config.socket_timeout).await.is_ok_and(|n| n > 0) {}
+            while buf.len() < 8 && read_more(reader, buf, left()).await.is_ok_and(|n| n > 0) {}
             let refused = if oxwsgi_proto::looks_like_http(buf) {
                 Refused::PlainHttp
             } else {
@@ -309,7 +316,7 @@ async fn read_request<S: Stream>(
             Err(err) => return Err(refuse(err.into())),
         }
         buf.reserve(HEADER_LEN + usize::from(header.datasize) - buf.len());
-        if read_more(reader, buf, config.socket_timeout).await.map_err(refuse)? == 0 {
+        if read_more(reader, buf, left()).await.map_err(refuse)? == 0 {
             return Err(refuse(Refused::Truncated { received: buf.len() }));
         }
     }
