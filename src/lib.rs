@@ -2,6 +2,7 @@
 //! (`uwsgi_pass`).
 //!
 //! # Layout
+//! - [`cli`]: the command itself — options to config, sockets, then the master or one serving process.
 //! - [`config`]: command-line options, validated once into typed config (users and groups resolved in
 //!   [`config::owner`]).
 //! - [`deploy`]: what running under an init system needs at run time: systemd notification, pidfile,
@@ -18,6 +19,7 @@
 //! - The wire format itself — the uwsgi packet in, the HTTP response head out — lives in the
 //!   `oxwsgi-proto` crate (pure, no I/O).
 
+pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod master;
