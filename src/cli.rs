@@ -5,7 +5,6 @@
 use std::ffi::OsString;
 use std::fmt::Display;
 use std::future::Future;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +12,9 @@ use std::time::Duration;
 use crate::config::{Cli, Config, SocketSpec};
 use crate::metrics::Recorder;
 use crate::server::{BoundSocket, Front};
-use crate::{deploy, master, server, wsgi};
+use crate::{deploy, logging, master, server, wsgi};
 use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 /// After the connections are done, how long the Python threads get to finish what follows the response —
 /// the iterables' `close()`, where Flask and Django run their teardown hooks — before the process exits.
@@ -42,15 +40,23 @@ where
         Ok(config) => config,
         Err(err) => return fail(err),
     };
-    init_logging();
+    if let Err(err) = logging::init(&config.log) {
+        return fail(err);
+    }
     if let Some(inherited) = inherited {
         // The master bound the sockets and removes their files; it also replaces this worker when asked.
         config.server.vacuum = false;
+        config.server.worker_id = Some(inherited.worker_id);
         config.server.max_requests = inherited.max_requests(&config.processes.recycle);
         return match inherited.into_handoff() {
             Ok(handoff) => serve(&config, handoff.sockets, Some((handoff.control, handoff.recorder))),
             Err(err) => fail(format!("cannot use the sockets from the master: {err}")),
         };
+    }
+    // Before the app is imported, and in the master before any worker starts: the workers inherit it.
+    for (key, value) in &config.env {
+        // SAFETY: no other thread exists yet (neither runtime nor Python has started).
+        unsafe { std::env::set_var(key, value) };
     }
     let sockets = match take_sockets(&mut config) {
         Ok(sockets) => sockets,
@@ -195,16 +201,6 @@ fn serve(
 fn fail(err: impl Display) -> ExitCode {
     eprintln!("oxwsgi: error: {err}");
     ExitCode::FAILURE
-}
-
-/// `OXWSGI_LOG` takes tracing's filter syntax (e.g. `debug`, `info,oxwsgi::access=off`).
-fn init_logging() {
-    let filter = EnvFilter::try_from_env("OXWSGI_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 /// Installs the handlers now (inside the runtime) and resolves on the first SIGTERM or SIGINT. A second one

@@ -7,6 +7,7 @@
 //!   [`config::owner`]).
 //! - [`deploy`]: what running under an init system needs at run time: systemd notification, pidfile,
 //!   privilege drop, limits.
+//! - [`logging`]: stderr or the `--logto` file (reopened on SIGUSR1), lines as text or JSON.
 //! - [`master`]: the master process — binds once, starts and replaces worker processes, stops them: the
 //!   master↔worker contract, spawning, each worker's lifecycle (a tested state machine), periodic checks.
 //! - [`metrics`]: what workers count in shared memory (label model, word layout, the unsafe word views in
@@ -22,6 +23,7 @@
 pub mod cli;
 pub mod config;
 pub mod deploy;
+pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod server;

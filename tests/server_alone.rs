@@ -41,6 +41,8 @@ impl Alone {
             chmod_socket: None,
             chown_socket: None,
             access_log: false,
+            access_log_format: oxwsgi::config::LogFormat::Text,
+            worker_id: None,
             graceful_timeout: Duration::from_secs(5),
             vacuum: true,
             max_requests: None,

@@ -172,6 +172,43 @@ pub struct Cli {
     /// Precede the --stats document with an HTTP/1.0 head, so browsers and curl can read it.
     #[arg(long = "stats-http", requires = "stats")]
     pub stats_http: bool,
+
+    /// Reload the workers with zero downtime (as SIGHUP does) when FILE's modification time changes, or
+    /// when FILE appears; checked every second. Repeatable (implies --master: the master does the reload).
+    #[arg(long = "touch-reload", value_name = "FILE")]
+    pub touch_reload: Vec<PathBuf>,
+
+    /// Set KEY=VALUE in the environment before the app is imported (the workers inherit it). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Log lines as `text` (for people) or `json` (one object a line, for log shippers; the access log then
+    /// has one field per value).
+    #[arg(long = "log-format", value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, env = "OXWSGI_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Write the log (everything otherwise on stderr) to FILE, appended (created with mode 640). SIGUSR1
+    /// makes the master and every worker reopen it, for logrotate without copytruncate.
+    #[arg(long, value_name = "FILE", env = "OXWSGI_LOGTO")]
+    pub logto: Option<PathBuf>,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, as people read it.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where and how the log is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `--logto`: a file instead of stderr.
+    pub file: Option<PathBuf>,
 }
 
 /// Everything the process needs, validated.
@@ -186,6 +223,11 @@ pub struct Config {
     pub run_as: Owner,
     pub pidfile: Option<PathBuf>,
     pub metrics: MetricsConfig,
+    /// Files whose modification reloads the workers (`--touch-reload`).
+    pub touch_reload: Vec<PathBuf>,
+    /// Set in the environment before the app is imported (`--env`), in order.
+    pub env: Vec<(String, String)>,
+    pub log: LogConfig,
 }
 
 /// Where the master serves what the workers count (each `None` is off; with both off workers count nothing).
@@ -300,6 +342,9 @@ pub struct ServerConfig {
     /// Owner for Unix sockets after bind.
     pub chown_socket: Option<Owner>,
     pub access_log: bool,
+    pub access_log_format: LogFormat,
+    /// This process's `OXWSGI_WORKER_ID` (a worker of a master), for the access log.
+    pub worker_id: Option<usize>,
     pub graceful_timeout: Duration,
     /// Remove Unix socket files at exit. Only the process that bound them does.
     pub vacuum: bool,
@@ -332,6 +377,8 @@ pub enum ConfigError {
     Module(String),
     #[error("give exactly one of --module or --wsgi-file")]
     AppSource,
+    #[error("--env {0}: expected KEY=VALUE with a non-empty KEY")]
+    Env(String),
 }
 
 impl TryFrom<Cli> for Config {
@@ -384,8 +431,11 @@ impl TryFrom<Cli> for Config {
                 .then(|| Duration::from_secs(cli.max_worker_lifetime)),
         };
         let metrics = metrics_config(&cli)?;
-        let master =
-            cli.master || cli.processes.get() > 1 || recycle.any() || cli.harakiri > 0 || metrics.enabled();
+        let env = cli.env.iter().map(|pair| parse_env(pair)).collect::<Result<Vec<_>, _>>()?;
+        // Options only a master can serve (--touch-reload: a reload starts the new workers first).
+        let needs_master =
+            recycle.any() || cli.harakiri > 0 || metrics.enabled() || !cli.touch_reload.is_empty();
+        let master = cli.master || cli.processes.get() > 1 || needs_master;
         let (source, callable) = match (cli.module, cli.wsgi_file) {
             (Some(module), None) => {
                 let (module, callable) = match module.split_once(':') {
@@ -405,6 +455,9 @@ impl TryFrom<Cli> for Config {
             run_as,
             metrics,
             pidfile: cli.pidfile,
+            touch_reload: cli.touch_reload,
+            env,
+            log: LogConfig { format: cli.log_format, file: cli.logto },
             app: AppSpec {
                 source,
                 callable,
@@ -426,6 +479,8 @@ impl TryFrom<Cli> for Config {
                 chmod_socket,
                 chown_socket,
                 access_log: !cli.disable_logging,
+                access_log_format: cli.log_format,
+                worker_id: None,
                 graceful_timeout: Duration::from_secs(cli.graceful_timeout),
                 vacuum: !cli.no_vacuum,
                 max_requests: None,
@@ -473,6 +528,17 @@ fn parse_address(option: &'static str, text: &str) -> Result<SocketSpec, ConfigE
         return Err(bad());
     }
     with_host.to_socket_addrs().map_err(|_| bad())?.next().map(SocketSpec::Tcp).ok_or_else(bad)
+}
+
+/// `KEY=VALUE`, split at the first `=` (a value may hold more). The key must be one `setenv` takes: not
+/// empty, no `=` (ruled out by the split) and no NUL (nor the value).
+fn parse_env(text: &str) -> Result<(String, String), ConfigError> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() && !text.contains('\0') => {
+            Ok((key.to_owned(), value.to_owned()))
+        }
+        _ => Err(ConfigError::Env(text.to_owned())),
+    }
 }
 
 fn parse_mode(text: &str) -> Result<u32, ConfigError> {
@@ -558,11 +624,37 @@ mod tests {
             "--stats",
             "/tmp/stats.sock",
             "--stats-http",
+            "--touch-reload",
+            "/srv/reload",
+            "--env",
+            "DJANGO_SETTINGS_MODULE=site.settings",
+            "--log-format",
+            "json",
+            "--logto",
+            "/var/log/app.log",
         ])
         .unwrap();
         let json = serde_json::to_string(&given).unwrap();
         let taken: Config = serde_json::from_str(&json).unwrap();
         assert_eq!(taken, given);
+    }
+
+    #[test]
+    fn operating_options() {
+        let cfg = config(&["--socket", ":1", "--module", "m", "--env", "A=b=c", "--env", "EMPTY="]).unwrap();
+        assert_eq!(cfg.env, [("A".into(), "b=c".into()), ("EMPTY".into(), String::new())]);
+        assert_eq!(cfg.log, LogConfig::default());
+        for bad in ["NOEQUALS", "=v"] {
+            let err = config(&["--socket", ":1", "--module", "m", "--env", bad]).unwrap_err();
+            assert_eq!(err, ConfigError::Env(bad.into()));
+        }
+        let cfg = config(&["--socket", ":1", "--module", "m", "--touch-reload", "/srv/r"]).unwrap();
+        assert!(cfg.processes.master, "a reload needs a master");
+        assert_eq!(cfg.touch_reload, [PathBuf::from("/srv/r")]);
+        let cfg = config(&["--socket", ":1", "--module", "m", "--log-format", "json"]).unwrap();
+        assert_eq!((cfg.log.format, cfg.server.access_log_format), (LogFormat::Json, LogFormat::Json));
+        assert!(Cli::try_parse_from(["oxwsgi", "--socket", ":1", "--module", "m", "--log-format", "xml"])
+            .is_err());
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl From<Retirement> for RestartReason {
 impl fmt::Display for Retirement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::Reload => "reload (SIGHUP)",
+            Self::Reload => "reload",
             Self::MaxRequests => "--max-requests reached",
             Self::Rss => "--reload-on-rss exceeded",
             Self::Lifetime => "--max-worker-lifetime reached",
@@ -261,7 +261,8 @@ impl Supervisor<'_> {
         }
     }
 
-    pub(super) fn reload(&mut self) {
+    /// Replaces every worker with one that loads the app anew; `cause` (SIGHUP, --touch-reload) is logged.
+    pub(super) fn reload(&mut self, cause: &str) {
         let current: Vec<WorkerPid> =
             self.workers.iter().filter(|(_, w)| w.phase.replaceable()).map(|(&pid, _)| pid).collect();
         // Workers still starting (a replacement, a respawn) may have imported the code before this SIGHUP:
@@ -273,10 +274,7 @@ impl Supervisor<'_> {
                 starting += 1;
             }
         }
-        info!(
-            "SIGHUP received: replacing {} workers with ones that load the app anew",
-            current.len() + starting
-        );
+        info!("{cause}: replacing {} workers with ones that load the app anew", current.len() + starting);
         for pid in current {
             self.retire(pid, Retirement::Reload);
         }

@@ -29,7 +29,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use checks::CHECK_INTERVAL;
+use checks::{TouchReload, CHECK_INTERVAL};
 use contract::{dup_above, handoff_floor};
 pub use contract::{Control, Handoff, HandoffError, Inherited, WORKER_ID_ENV};
 use lifecycle::{Retirement, Worker, KILL_AFTER_GRACE, RESPAWN_BACKOFF_MIN};
@@ -166,6 +166,7 @@ struct Supervisor<'a> {
     queries: mpsc::Receiver<Query>,
     /// Kept so the query channel never closes, whichever endpoints run.
     query_sender: mpsc::Sender<Query>,
+    touch_reload: TouchReload,
 }
 
 impl<'a> Supervisor<'a> {
@@ -190,6 +191,7 @@ impl<'a> Supervisor<'a> {
             books,
             queries,
             query_sender,
+            touch_reload: TouchReload::new(&config.touch_reload),
             workers: HashMap::new(),
             harakiri_count: 0,
             events,
@@ -206,6 +208,8 @@ impl<'a> Supervisor<'a> {
         let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
         let mut quit = signal(SignalKind::quit()).map_err(signal_error)?;
         let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
+        let mut reopen =
+            signal(SignalKind::from_raw(crate::logging::REOPEN_SIGNAL as i32)).map_err(signal_error)?;
         let mut checks = tokio::time::interval(CHECK_INTERVAL);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         self.start_endpoints()?;
@@ -222,11 +226,13 @@ impl<'a> Supervisor<'a> {
                         }
                     }
                 }
-                _ = hangup.recv() => self.reload(),
+                _ = hangup.recv() => self.reload("SIGHUP received"),
+                _ = reopen.recv() => self.reopen_log(),
                 Some(query) = self.queries.recv() => self.answer(query),
                 _ = checks.tick() => {
                     self.check_limits();
                     self.check_listen_queues();
+                    self.check_touch_reload();
                 }
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
@@ -313,6 +319,24 @@ impl<'a> Supervisor<'a> {
             }
             Query::Stats(answer) => {
                 let _ = answer.send(books.stats(&workers, &sockets));
+            }
+        }
+    }
+}
+
+impl Supervisor<'_> {
+    /// SIGUSR1: the master reopens `--logto`, and so does each worker on the same signal.
+    fn reopen_log(&mut self) {
+        match crate::logging::reopen() {
+            Ok(true) => {
+                info!("SIGUSR1 received: --logto reopened; each worker reopens it too");
+                for &pid in self.workers.keys() {
+                    send_signal(pid, WorkerSignal::SIGUSR1);
+                }
+            }
+            Ok(false) => info!("SIGUSR1 received: no --logto to reopen"),
+            Err(err) => {
+                error!("SIGUSR1 received: cannot reopen --logto: {err}; still writing to the old file");
             }
         }
     }

@@ -61,7 +61,7 @@ impl Supervisor<'_> {
             command.env(METRICS_FD_ENV, metrics_target.to_string()).env(METRICS_CELL_ENV, cell.to_string());
         }
         let master_pid = nix::unistd::getpid().as_raw();
-        // SAFETY: between fork and exec the closure only calls dup2, prctl and setpgid, which are
+        // SAFETY: between fork and exec the closure only calls dup2, prctl, setpgid and signal, which are
         // async-signal-safe, and touches no memory but its own copies of the descriptor numbers.
         unsafe {
             command.pre_exec(move || {
@@ -90,6 +90,11 @@ impl Supervisor<'_> {
                 // workers gracefully (a worker seeing both Ctrl-C and the master's SIGTERM would take the
                 // second signal as "stop now").
                 if libc::setpgid(0, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SIGUSR1 (reopen the log), forwarded while the worker starts, must not kill it before it
+                // installs its handler: an ignored signal stays ignored across exec (a handler would not).
+                if libc::signal(libc::SIGUSR1, libc::SIG_IGN) == libc::SIG_ERR {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

@@ -41,6 +41,9 @@ pub struct Framing {
     vars: Vec<VarSpan>,
     method_span: Span,
     uri: Span,
+    /// For the JSON access log.
+    remote_addr: Option<Span>,
+    request_id: Option<Span>,
 }
 
 /// Why a packet cannot be served, before its body.
@@ -78,6 +81,7 @@ pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Opt
     let span = |part: &[u8]| ((part.as_ptr() as usize - block_start) as u16, part.len() as u16);
     let mut vars = Vec::new();
     let (mut method, mut content_length, mut request_uri, mut path_info) = (None, None, None, None);
+    let (mut remote_addr, mut request_id) = (None, None);
     let visit = |key: &[u8], value| {
         if vars.capacity() == 0 {
             vars.reserve(EXPECTED_VARS);
@@ -89,6 +93,10 @@ pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Opt
             b"CONTENT_LENGTH" => content_length = Some(value),
             b"REQUEST_URI" => request_uri = Some(value),
             b"PATH_INFO" => path_info = Some(value),
+            b"REMOTE_ADDR" => remote_addr = Some(value),
+            // nginx's `$request_id`, as `uwsgi_param HTTP_X_REQUEST_ID $request_id;` passes it (the app
+            // sees it as the X-Request-ID header), or the header itself from a proxy in front.
+            b"HTTP_X_REQUEST_ID" => request_id = Some(value),
             _ => {}
         }
     };
@@ -110,6 +118,8 @@ pub fn frame(buf: &[u8], limits: &Limits, limit_post: Option<u64>) -> Result<Opt
         vars,
         method_span: span(method_value),
         uri: request_uri.or(path_info).map_or((0, 0), span),
+        remote_addr: remote_addr.map(span),
+        request_id: request_id.map(span),
     }))
 }
 
@@ -135,7 +145,13 @@ impl RequestHead {
         accepted_at: Instant,
     ) -> Self {
         let block = buf.split_to(framing.packet_len).freeze().slice(HEADER_LEN..);
-        let line = RequestLine { block: block.clone(), method: framing.method_span, uri: framing.uri };
+        let line = RequestLine {
+            block: block.clone(),
+            method: framing.method_span,
+            uri: framing.uri,
+            remote_addr: framing.remote_addr,
+            request_id: framing.request_id,
+        };
         Self {
             block,
             vars: framing.vars,
@@ -167,12 +183,15 @@ fn slice(block: &[u8], (start, len): Span) -> &[u8] {
     &block[usize::from(start)..][..usize::from(len)]
 }
 
-/// `METHOD /uri` of a request, for log lines; cheap to clone (it shares the packet).
+/// `METHOD /uri` of a request, for log lines, with what the JSON access log adds (`REMOTE_ADDR`, the
+/// request id); cheap to clone (it shares the packet).
 #[derive(Debug, Clone)]
 pub struct RequestLine {
     block: Bytes,
     method: Span,
     uri: Span,
+    remote_addr: Option<Span>,
+    request_id: Option<Span>,
 }
 
 impl RequestLine {
@@ -181,17 +200,43 @@ impl RequestLine {
         [slice(&self.block, self.method), slice(&self.block, self.uri)]
     }
 
+    /// `REMOTE_ADDR`, if nginx passed it.
+    pub fn remote_addr(&self) -> Option<&[u8]> {
+        self.remote_addr.map(|span| slice(&self.block, span))
+    }
+
+    /// The request id (`HTTP_X_REQUEST_ID`), if nginx passed one.
+    pub fn request_id(&self) -> Option<&[u8]> {
+        self.request_id.map(|span| slice(&self.block, span))
+    }
+
     /// The same line in a buffer of its own: a record that outlives the request (a response the I/O
     /// runtime finishes) must not keep the serving thread's read buffer, which the packet is part of.
     #[must_use]
     pub fn detached(&self) -> Self {
         let method = slice(&self.block, self.method);
         let uri = slice(&self.block, self.uri);
-        let block = Bytes::from([method, uri].concat());
-        let (Ok(method_len), Ok(uri_len)) = (u16::try_from(method.len()), u16::try_from(uri.len())) else {
-            unreachable!("both parts come from a vars block of at most 65535 bytes")
+        let remote_addr = self.remote_addr().unwrap_or_default();
+        let request_id = self.request_id().unwrap_or_default();
+        let block = Bytes::from([method, uri, remote_addr, request_id].concat());
+        // Each part comes from the vars block, and so does their sum: at most 65535 bytes.
+        let span_after = |start: u16, part: &[u8]| {
+            let Ok(len) = u16::try_from(part.len()) else {
+                unreachable!("every part comes from a vars block of at most 65535 bytes")
+            };
+            (start, len)
         };
-        Self { block, method: (0, method_len), uri: (method_len, uri_len) }
+        let method_span = span_after(0, method);
+        let uri = span_after(method_span.1, uri);
+        let remote = span_after(uri.0 + uri.1, remote_addr);
+        let id = span_after(remote.0 + remote.1, request_id);
+        Self {
+            block,
+            method: method_span,
+            uri,
+            remote_addr: self.remote_addr.map(|_| remote),
+            request_id: self.request_id.map(|_| id),
+        }
     }
 }
 
@@ -386,6 +431,23 @@ mod tests {
         let detached = line.detached();
         assert_eq!(detached.to_string(), "GET /only/path");
         assert_eq!(detached.block.len(), "GET/only/path".len(), "only the method and the URI");
+        assert_eq!((detached.remote_addr(), detached.request_id()), (None, None));
+    }
+
+    #[test]
+    fn a_line_keeps_the_remote_address_and_the_request_id_when_detached() {
+        let mut buf = packet(&[
+            (b"REQUEST_METHOD", b"GET"),
+            (b"REMOTE_ADDR", b"10.0.0.7"),
+            (b"PATH_INFO", b"/p"),
+            (b"HTTP_X_REQUEST_ID", b"f00d"),
+        ]);
+        let line = head(&mut buf).line;
+        for line in [line.clone(), line.detached()] {
+            assert_eq!(line.to_string(), "GET /p");
+            assert_eq!(line.remote_addr(), Some(&b"10.0.0.7"[..]));
+            assert_eq!(line.request_id(), Some(&b"f00d"[..]));
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::conn::Conn;
 use super::front::Front;
 use super::request::RequestLine;
+use crate::config::LogFormat;
 use crate::metrics::model::Method;
 use crate::metrics::InFlight;
 use crate::metrics::RequestDone;
@@ -123,7 +124,30 @@ impl Record {
         }
         if front.config.access_log {
             let millis = self.accepted_at.elapsed().as_secs_f64() * 1000.0;
-            info!(target: "oxwsgi::access", "{line} => {} ({} bytes) in {millis:.1} ms", self.status, self.body_bytes);
+            match front.config.access_log_format {
+                LogFormat::Text => {
+                    info!(target: "oxwsgi::access", "{line} => {} ({} bytes) in {millis:.1} ms", self.status, self.body_bytes);
+                }
+                // One field per value, which the JSON formatter writes as it goes (no map is built). The
+                // lossy conversions borrow unless the bytes are not UTF-8.
+                LogFormat::Json => {
+                    let [method, uri] = line.parts();
+                    let remote_addr = line.remote_addr().map(String::from_utf8_lossy);
+                    let request_id = line.request_id().map(String::from_utf8_lossy);
+                    info!(
+                        target: "oxwsgi::access",
+                        method = &*String::from_utf8_lossy(method),
+                        uri = &*String::from_utf8_lossy(uri),
+                        status = self.status,
+                        bytes = self.body_bytes,
+                        duration_ms = millis,
+                        remote_addr = remote_addr.as_deref(),
+                        worker = front.config.worker_id,
+                        pid = std::process::id(),
+                        request_id = request_id.as_deref(),
+                    );
+                }
+            }
         }
     }
 }
