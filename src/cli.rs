@@ -9,11 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Cli, Config, SocketSpec};
+use crate::config::{self, Config, SocketSpec};
 use crate::metrics::Recorder;
 use crate::server::{BoundSocket, Front};
 use crate::{deploy, logging, master, server, wsgi};
-use clap::Parser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// After the connections are done, how long the Python threads get to finish what follows the response —
@@ -31,10 +30,15 @@ where
         Ok(inherited) => inherited,
         Err(err) => return fail(err),
     };
-    // A worker takes its master's config; only a process started by hand reads the command line.
+    // A worker takes its master's config; only a process started by hand reads the command line (and the
+    // ini file it names).
+    let mut unknown_options = None;
     let config = match &inherited {
         Some(inherited) => Ok(inherited.config.clone()),
-        None => Config::try_from(Cli::parse_from(args)),
+        None => config::ini::load(args).map(|(config, warning)| {
+            unknown_options = warning;
+            config
+        }),
     };
     let mut config = match config {
         Ok(config) => config,
@@ -57,6 +61,9 @@ where
     for (key, value) in &config.env {
         // SAFETY: no other thread exists yet (neither runtime nor Python has started).
         unsafe { std::env::set_var(key, value) };
+    }
+    if let Some(warning) = unknown_options {
+        tracing::warn!("{warning}");
     }
     let sockets = match take_sockets(&mut config) {
         Ok(sockets) => sockets,

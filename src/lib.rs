@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`cli`]: the command itself — options to config, sockets, then the master or one serving process.
 //! - [`config`]: command-line options, validated once into typed config (users and groups resolved in
-//!   [`config::owner`]).
+//!   [`config::owner`]; uWSGI ini files turned into options in [`config::ini`]).
 //! - [`deploy`]: what running under an init system needs at run time: systemd notification, pidfile,
 //!   privilege drop, limits.
 //! - [`logging`]: stderr or the `--logto` file (reopened on SIGUSR1), lines as text or JSON.

@@ -14,6 +14,7 @@ use clap::Parser;
 use oxwsgi_proto::Limits;
 use serde::{Deserialize, Serialize};
 
+pub mod ini;
 pub mod owner;
 
 use owner::Owner;
@@ -35,6 +36,17 @@ const DEFAULT_CHMOD_SOCKET: &str = "666";
 #[command(name = "oxwsgi", version, about, long_about = None)]
 #[allow(clippy::struct_excessive_bools)] // one field per command-line flag, as clap wants
 pub struct Cli {
+    /// Read options from a uWSGI ini file: its `[uwsgi]` section, with uWSGI's option names, and its
+    /// `[oxwsgi]` section, which wins over `[uwsgi]`. The command line wins over the `OXWSGI_*`
+    /// environment, which wins over the file; a repeatable option given there (`--socket`, `--env`, …)
+    /// replaces the file's list. Options oxwsgi does not know are listed in one warning at start.
+    #[arg(long, value_name = "FILE", env = "OXWSGI_INI")]
+    pub ini: Option<PathBuf>,
+
+    /// The same as `--ini FILE.ini`.
+    #[arg(value_name = "FILE.ini", value_parser = ini::parse_positional, conflicts_with = "ini")]
+    pub ini_file: Option<PathBuf>,
+
     /// Listen on ADDR: `host:port`, `[::1]:port`, `:port` (all IPv4 interfaces), or a Unix socket path
     /// (containing `/`, or prefixed `unix:`). Repeatable. Not needed under systemd socket activation. The
     /// uwsgi protocol has no authentication: a TCP address other hosts can reach is warned about at start.
@@ -43,7 +55,7 @@ pub struct Cli {
 
     /// Load the app from a module: `package.module:callable` (callable defaults to --callable).
     #[arg(long, short = 'w', value_name = "MODULE[:CALLABLE]", env = "OXWSGI_MODULE")]
-    #[arg(conflicts_with = "wsgi_file", required_unless_present = "wsgi_file")]
+    #[arg(conflicts_with = "wsgi_file", required_unless_present_any = ["wsgi_file", "ini", "ini_file"])]
     pub module: Option<String>,
 
     /// Load the app from a Python file.
@@ -379,6 +391,24 @@ pub enum ConfigError {
     AppSource,
     #[error("--env {0}: expected KEY=VALUE with a non-empty KEY")]
     Env(String),
+}
+
+impl ConfigError {
+    /// The option whose value is refused (`--buffer-size`), so that a value from an ini file can be
+    /// reported at its line.
+    pub fn option(&self) -> Option<&'static str> {
+        match self {
+            Self::BufferSizeTooLarge(_) | Self::BufferSizeZero => Some("--buffer-size"),
+            Self::SocketTimeoutZero => Some("--socket-timeout"),
+            Self::Backlog(_) => Some("--listen"),
+            Self::Address { option, .. } | Self::Owner { option, .. } => Some(option),
+            Self::MetricsNotTcp(_) => Some("--metrics"),
+            Self::Mode(_) => Some("--chmod-socket"),
+            Self::Module(_) => Some("--module"),
+            Self::Env(_) => Some("--env"),
+            Self::AppSource => None,
+        }
+    }
 }
 
 impl TryFrom<Cli> for Config {
