@@ -20,12 +20,19 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 const POOL_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the command with `args` (the program name first, as `std::env::args_os` gives them) until it
-/// stops; returns the process's exit status.
+/// stops; returns the process's exit status. A master starts its workers by re-executing this binary.
 pub fn run<I, T>(args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let workers = master::WorkerCommand::this_binary(&args);
+    run_with(args, workers)
+}
+
+/// [`run`], with a master starting its workers with `workers` (the Python package: its interpreter).
+pub fn run_with(args: Vec<OsString>, workers: master::WorkerCommand) -> ExitCode {
     let inherited = match master::Inherited::from_env() {
         Ok(inherited) => inherited,
         Err(err) => return fail(err),
@@ -79,7 +86,7 @@ where
         return fail(format!("cannot switch to --uid/--gid: {err}"));
     }
     if config.processes.master {
-        return match master::run(&config, sockets, || deploy::notify("READY=1")) {
+        return match master::run(&config, sockets, workers, || deploy::notify("READY=1")) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(err),
         };

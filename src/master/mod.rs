@@ -1,7 +1,8 @@
 //! The master process: binds every socket once, starts the worker processes by re-executing this binary
-//! with the listening sockets inherited, replaces workers that die, and stops them on a signal.
+//! (or, installed as a Python package, the same interpreter with `-m oxwsgi`) with the listening sockets
+//! inherited, replaces workers that die, and stops them on a signal.
 //!
-//! The master never starts Python, and never forks without exec (neither Python nor tokio survives a fork):
+//! The master never loads the app, and never forks without exec (neither Python nor tokio survives a fork):
 //! each worker is a fresh `exec` of `oxwsgi`, told by environment variables that it is worker N, which
 //! descriptors hold its sockets and what the master's config is. No pyo3 here.
 //!
@@ -33,6 +34,7 @@ use checks::{TouchReload, CHECK_INTERVAL};
 use contract::{dup_above, handoff_floor};
 pub use contract::{Control, Handoff, HandoffError, Inherited, WORKER_ID_ENV};
 use lifecycle::{Retirement, Worker, KILL_AFTER_GRACE, RESPAWN_BACKOFF_MIN};
+pub use spawn::WorkerCommand;
 use spawn::{send_signal, WorkerPid};
 
 use crate::config::{Config, SocketSpec};
@@ -67,8 +69,13 @@ pub enum MasterError {
 }
 
 /// Starts the workers on `sockets` (bound, or passed by systemd) and supervises them until a stop signal.
-/// `on_ready` runs once every worker of the first generation accepts.
-pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) -> Result<(), MasterError> {
+/// Workers are started with `workers`. `on_ready` runs once every worker of the first generation accepts.
+pub fn run(
+    config: &Config,
+    sockets: Vec<BoundSocket>,
+    workers: WorkerCommand,
+    on_ready: impl FnOnce(),
+) -> Result<(), MasterError> {
     let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
     // As given, the way uWSGI names them in its stats: a Unix socket by its path alone.
     let socket_names: Vec<String> = sockets
@@ -98,7 +105,8 @@ pub fn run(config: &Config, sockets: Vec<BoundSocket>, on_ready: impl FnOnce()) 
         .map_err(|source| MasterError::Handoff { what: "metrics", source })?;
     let books = Some((Books::new(region), handed_down));
     let config_json = serde_json::to_string(config).map_err(MasterError::Config)?;
-    let supervisor = Supervisor::new(config, config_json, handoff, socket_files.clone(), socket_names, books);
+    let supervisor =
+        Supervisor::new(config, config_json, workers, handoff, socket_files.clone(), socket_names, books);
     let result = runtime.block_on(supervisor.supervise(on_ready));
     if config.server.vacuum {
         crate::socket_file::remove_socket_files(&socket_files);
@@ -144,6 +152,7 @@ struct Supervisor<'a> {
     config: &'a Config,
     /// `config` as the workers get it ([`CONFIG_ENV`]).
     config_json: String,
+    worker_command: WorkerCommand,
     /// The listening sockets, at descriptors above those the workers receive them at.
     handoff: Vec<OwnedFd>,
     socket_files: Vec<PathBuf>,
@@ -173,6 +182,7 @@ impl<'a> Supervisor<'a> {
     fn new(
         config: &'a Config,
         config_json: String,
+        worker_command: WorkerCommand,
         handoff: Vec<OwnedFd>,
         socket_files: Vec<PathBuf>,
         socket_names: Vec<String>,
@@ -184,6 +194,7 @@ impl<'a> Supervisor<'a> {
         Self {
             config,
             config_json,
+            worker_command,
             handoff,
             socket_files,
             listen_queue_warned: vec![None; socket_names.len()],

@@ -1,11 +1,14 @@
-//! Starting workers: the command (this very binary, re-executed), what happens between fork and exec, the
+//! Starting workers: the command (this very binary re-executed, or the Python interpreter that runs the
+//! installed package), what happens between fork and exec, the
 //! task that relays what a worker says and its exit, and signalling a worker by a pid that is surely its.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
@@ -27,6 +30,38 @@ use super::{Event, MasterError, Supervisor};
 /// `/proc/self/exe`: the binary this process runs, even once the file was replaced or removed.
 pub(super) const RUNNING_EXECUTABLE: &str = "/proc/self/exe";
 
+/// How the master starts a worker: the program, its `argv[0]`, its arguments. A worker takes its config
+/// from the master ([`CONFIG_ENV`]), so the arguments only tell `ps` what it runs.
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    program: PathBuf,
+    /// `None`: the program's path.
+    arg0: Option<OsString>,
+    args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// The running binary re-executed, even if a package upgrade replaced the file on disk since: a worker
+    /// must run the master's code. `argv` is the master's command line (program name first); argv[0] stays
+    /// what the master was started as, for `ps`.
+    pub fn this_binary(argv: &[OsString]) -> Self {
+        Self {
+            program: RUNNING_EXECUTABLE.into(),
+            arg0: Some(argv.first().cloned().unwrap_or_else(|| "oxwsgi".into())),
+            args: argv.iter().skip(1).cloned().collect(),
+        }
+    }
+
+    /// `interpreter leading... argv[1..]`, e.g. `/srv/venv/bin/python -m oxwsgi --socket ...`: how the
+    /// installed Python package starts its workers. The interpreter is started by its own path, which stays
+    /// its argv[0]: a virtualenv's `python` is a link to the base interpreter and finds the virtualenv's
+    /// packages from the path it was started as, which `/proc/self/exe` would resolve away.
+    pub fn interpreter(interpreter: PathBuf, leading: &[OsString], argv: &[OsString]) -> Self {
+        let args = leading.iter().chain(argv.iter().skip(1)).cloned().collect();
+        Self { program: interpreter, arg0: None, args }
+    }
+}
+
 impl Supervisor<'_> {
     /// Starts a worker for `slot`, with a task relaying what it says and when it exits. Returns its pid.
     pub(super) fn spawn(&mut self, slot: usize) -> Result<WorkerPid, MasterError> {
@@ -40,12 +75,12 @@ impl Supervisor<'_> {
         let metrics_target = control_target + 1;
         let cell = self.books.as_mut().and_then(|(books, _)| books.spawned(slot));
         let metrics_source = self.books.as_ref().map(|(_, fd)| fd.as_raw_fd()).filter(|_| cell.is_some());
-        // The running binary itself, even if a package upgrade replaced the file on disk since: a worker
-        // must run the master's code. argv[0] stays what the master was started as, for `ps`.
-        let mut command = std::process::Command::new(RUNNING_EXECUTABLE);
+        let mut command = std::process::Command::new(&self.worker_command.program);
+        if let Some(arg0) = &self.worker_command.arg0 {
+            command.arg0(arg0);
+        }
         command
-            .arg0(std::env::args_os().next().unwrap_or_else(|| "oxwsgi".into()))
-            .args(std::env::args_os().skip(1))
+            .args(&self.worker_command.args)
             .env(MASTER_PID_ENV, std::process::id().to_string())
             .env(CONFIG_ENV, &self.config_json)
             .env(WORKER_ID_ENV, slot.to_string())
