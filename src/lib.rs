@@ -16,7 +16,8 @@
 //!   read, the response out, and the tokio runtime for connections that wait. No pyo3.
 //! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.
 //! - [`wsgi`]: the embedded interpreter, the app and the pool of Python threads that serve requests
-//!   through [`server`]. The only pyo3 user.
+//!   through [`server`]; and the extension module `oxwsgi._oxwsgi` through which the pip-installed
+//!   package runs [`cli`]. The only pyo3 user.
 //! - The wire format itself — the uwsgi packet in, the HTTP response head out — lives in the
 //!   `oxwsgi-proto` crate (pure, no I/O).
 

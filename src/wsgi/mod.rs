@@ -1,4 +1,6 @@
-//! The WSGI side: the embedded interpreter, the app, and the pool of Python threads that runs it.
+//! The WSGI side: the embedded interpreter, the app, and the pool of Python threads that runs it; and the
+//! extension module the installed Python package runs the command through (`module`), where the
+//! interpreter is the one that imported it.
 //!
 //! The only part of oxwsgi that imports pyo3. Its threads take [`Request`](crate::server::Request)s from
 //! the server's [`Acceptor`](crate::server::Acceptor) and answer through its
@@ -8,11 +10,12 @@
 
 mod environ;
 mod harakiri;
+mod module;
 mod pool;
 mod response;
 mod streams;
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -69,6 +72,17 @@ def use_virtualenv(venv):
     sys.path[:] = added + before
     sys.prefix = sys.exec_prefix = venv
 
+def sync_environ(current):
+    """Makes os.environ, a copy taken when Python started, the process's environment as it is now. An
+    interpreter that ran before oxwsgi did (the installed command) would otherwise miss what oxwsgi changed
+    since: the variables the master handed this worker, removed; --env, set."""
+    current = dict(current)
+    for key in [key for key in os.environ if key not in current]:
+        del os.environ[key]
+    for key, value in current.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
 def find_callable(module, name, where):
     try:
         app = getattr(module, name)
@@ -111,10 +125,12 @@ pub fn load(spec: &AppSpec) -> Result<App, LoadError> {
         prepare_interpreter(py, spec).map_err(|e| fail(describe(py, &e)))?;
         let loader = PyModule::from_code(py, &cstring(LOADER), c"oxwsgi_loader.py", c"oxwsgi_loader")
             .map_err(|e| fail(describe(py, &e)))?;
-        let venv = match &spec.virtualenv {
+        let environ: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        let synced = loader.call_method1("sync_environ", (environ,)).map(drop);
+        let venv = synced.and_then(|()| match &spec.virtualenv {
             Some(venv) => loader.call_method1("use_virtualenv", (venv,)).map(drop),
             None => Ok(()),
-        };
+        });
         let loaded = venv
             .and_then(|()| match &spec.source {
                 AppSource::Module(name) => loader.call_method1("load_module", (name,)),
