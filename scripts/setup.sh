@@ -42,6 +42,14 @@ command -v python3 >/dev/null 2>&1 || die "python3 not found (oxwsgi embeds the 
 step "pip install -r tests/requirements.txt ($(python3 -c 'import sys; print(sys.executable)'))"
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 
+# tests/e2e/test_pip_install.py builds the wheel (pip fetches maturin from PyPI for the build) and installs
+# it into a fresh virtualenv: python3 needs its venv and ensurepip modules, which Debian packages apart.
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    apt_install "python$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || die "python3 still cannot make a virtualenv"
+fi
+step "python3 can make a virtualenv"
+
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 step "cargo build --release --locked"
 cargo build --release --locked --quiet
