@@ -283,3 +283,38 @@ def test_socket_activation_with_the_installed_command(tmp_path_factory, venv):
         stack.stop()
     assert process.popen is not None and process.popen.returncode == 0, stack.report()
 
+
+
+class IniLauncher(VenvLauncher):
+    """The installed command with what tests/ini/flask.ini reads from the environment (SHOP_RUN_DIR)."""
+
+    def __init__(self, tmp_path_factory, oxwsgi_bin: Path, run_dir: Path):
+        super().__init__(tmp_path_factory, oxwsgi_bin)
+        self.run_dir = run_dir
+
+    def oxwsgi_env(self) -> dict[str, str]:
+        return dict(venv_env(), SHOP_RUN_DIR=str(self.run_dir))
+
+
+def test_an_existing_uwsgi_ini_is_served_by_the_venvs_oxwsgi(tmp_path_factory, venv):
+    """The issue's whole path for someone leaving uWSGI: the wheel in a fresh virtualenv, the uwsgi.ini they
+    already have, their nginx: only the socket comes from the command line (which wins over the file)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    launcher = IniLauncher(tmp_path_factory, venv / "bin" / "oxwsgi", run_dir)
+    stack = launcher.start(["--ini", str(REPO / "tests" / "ini" / "flask.ini")])
+    try:
+        # master = true, processes = 2 from the file.
+        wait_for(lambda: "master ready: 2 workers" in stack.oxwsgi_log(), "the file's two workers", stack)
+        response = requests.get(stack.url("/args?name=ini"), timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200 and response.json() == {"name": ["ini"]}, stack.report()
+        workers = children(master_pid(stack))
+        assert len(workers) == 2, workers
+        for pid in workers:
+            argv = cmdline(pid)
+            assert Path(argv[0]).parent == venv / "bin" and argv[1:3] == ["-m", "oxwsgi"], argv
+        # What uWSGI does and oxwsgi does not is said once; what means nothing here is not said at all.
+        log = stack.oxwsgi_log()
+        assert log.count("options oxwsgi does not know") == 1 and "auto-procname" in log, stack.report()
+        assert "enable-threads" not in log and "thunder-lock" not in log, stack.report()
+    finally:
+        stack.stop()
