@@ -18,13 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
-import signal
 import sys
-import tempfile
 from pathlib import Path
 
-from lib.procs import BenchError, Child, command_output, raise_interrupt, tail
+from lib.procs import BenchError, command_output, run_entry_point, tail
 from lib.report import Plan, describe, render
 from lib.results import RunResult
 from lib.scenarios import (
@@ -187,43 +184,30 @@ def run_rounds(tools: Tools, settings: Settings, plan: Plan, workdir: Path) -> l
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    # SIGINT explicitly too: a shell starting this in the background leaves SIGINT ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="oxwsgi-bench.", dir="/tmp"))  # short: Unix socket paths
-    try:
-        raise_open_files_limit()
-        plan = make_plan(args)
-        need_strace = any(s.kind == KIND_SYSCALLS for s in plan.scenarios)
-        tools = find_tools(args.oxwsgi, args.examples_dir, examples_needed(plan), need_strace, workdir)
-        check_oxwsgi_flags(tools.oxwsgi)
-        shapes_file = workdir / "file-8mib.bin"
-        create_shapes_file(shapes_file)
-        settings = Settings(args.duration, args.warmup, server_env(shapes_file))
-        env = environment(tools, args.oxwsgi, args.examples_dir)
-        print("\n".join(f"{key}: {value}" for key, value in env), flush=True)
-        results = run_rounds(tools, settings, plan, workdir)
-        env.insert(3, ("Load average at end", load_average()))
-        report = render(env, plan, results)
-        print("\n" + report)
-        RESULTS.write_text(report)
-        print(f"written to {RESULTS.relative_to(REPO)}")
-        if any(not r.valid for r in results):
-            print("!!! some runs were INVALID (see above): exit status 1", file=sys.stderr)
-            return 1
-        return 0
-    except BenchError as err:
-        print(f"bench: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"bench: interrupted ({err or 'Ctrl-C'}); stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        # A second Ctrl-C must not cut the teardown short and leave servers behind.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        Child.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_entry_point("bench", lambda workdir: run(args, workdir))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    raise_open_files_limit()
+    plan = make_plan(args)
+    need_strace = any(s.kind == KIND_SYSCALLS for s in plan.scenarios)
+    tools = find_tools(args.oxwsgi, args.examples_dir, examples_needed(plan), need_strace, workdir)
+    check_oxwsgi_flags(tools.oxwsgi)
+    shapes_file = workdir / "file-8mib.bin"
+    create_shapes_file(shapes_file)
+    settings = Settings(args.duration, args.warmup, server_env(shapes_file))
+    env = environment(tools, args.oxwsgi, args.examples_dir)
+    print("\n".join(f"{key}: {value}" for key, value in env), flush=True)
+    results = run_rounds(tools, settings, plan, workdir)
+    env.insert(3, ("Load average at end", load_average()))
+    report = render(env, plan, results)
+    print("\n" + report)
+    RESULTS.write_text(report)
+    print(f"written to {RESULTS.relative_to(REPO)}")
+    if any(not r.valid for r in results):
+        print("!!! some runs were INVALID (see above): exit status 1", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.proc_stats import CpuSample, status_kib, worker_pids
-from lib.procs import BenchError, Child, command_output, free_port, raise_interrupt, tail, wait_listening
+from lib.procs import Child, command_output, free_port, run_entry_point, tail, wait_listening
 from lib.servers import http_get, start_nginx
 from lib.tools import REPO, load_average, oxwsgi_version, require_executable
 
@@ -982,33 +981,22 @@ def soak(args: argparse.Namespace, workdir: Path) -> Outcome:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="oxwsgi-soak.", dir="/tmp"))  # short: Unix socket paths
-    try:
-        outcome = soak(args, workdir)
-        print("\n" + summary(outcome))
-        if not args.no_json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(to_json(outcome), indent=1) + "\n")
-            print(f"\nwritten to {args.json}")
-        failed = [goal for goal, held, _ in goals(outcome) if not held]
-        if failed:
-            print(f"!!! goals failed: {'; '.join(failed)}: exit status 1", file=sys.stderr)
-            print(f"--- server log ---\n{tail(workdir / 'server.log')}", file=sys.stderr)
-            return 1
-        return 0
-    except BenchError as err:
-        print(f"soak: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"soak: interrupted ({err or 'Ctrl-C'}); stopping everything", file=sys.stderr)
-        return 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        Child.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+    return run_entry_point("soak", lambda workdir: run(args, workdir))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    outcome = soak(args, workdir)
+    print("\n" + summary(outcome))
+    if not args.no_json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(outcome), indent=1) + "\n")
+        print(f"\nwritten to {args.json}")
+    failed = [goal for goal, held, _ in goals(outcome) if not held]
+    if failed:
+        print(f"!!! goals failed: {'; '.join(failed)}: exit status 1", file=sys.stderr)
+        print(f"--- server log ---\n{tail(workdir / 'server.log')}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ stopped as a whole; plus waiting for a socket to accept connections. No knowledg
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -157,3 +161,32 @@ def command_output(argv: list[str]) -> str:
     """stdout and stderr of a short command (nginx prints its version on stderr)."""
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     return (done.stdout + done.stderr).strip()
+
+
+# Signals that stop a benchmark (as KeyboardInterrupt) — SIGINT explicitly too: a shell starting one in the
+# background leaves SIGINT ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_entry_point(name: str, body: Callable[[Path], int]) -> int:
+    """What every benchmark's `main` does around `body`, which gets a fresh working directory (short, under
+    /tmp: Unix socket paths are limited) and returns the exit status: a stop signal becomes
+    KeyboardInterrupt (exit 130), a BenchError one line (exit 2), and however it ended every child is
+    stopped and the directory removed, with the stop signals ignored by then so that a second Ctrl-C cannot
+    cut the teardown short and leave servers behind."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=f"oxwsgi-{name}.", dir="/tmp"))
+    try:
+        return body(workdir)
+    except BenchError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"{name}: interrupted ({err or 'Ctrl-C'}); stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        Child.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
