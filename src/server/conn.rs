@@ -29,6 +29,17 @@ pub enum Kind {
 /// at the default 4 s, far below any real upload (and nginx, buffering bodies by default, sends at once).
 const BODY_BYTES_PER_TIMEOUT: u64 = 64 * 1024;
 
+/// Why a body read failed when the peer kept sending, but less than [`BODY_BYTES_PER_TIMEOUT`] per timeout:
+/// the inner error of that `TimedOut`, so the message reaches the app and the log as it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", BodyTooSlow::MESSAGE)]
+pub struct BodyTooSlow;
+
+impl BodyTooSlow {
+    pub const MESSAGE: &'static str =
+        "the request body came too slowly (less than 64 KiB per --socket-timeout of waiting)";
+}
+
 /// One accepted connection from nginx. Closed when dropped.
 #[derive(Debug)]
 pub struct Conn {
@@ -123,15 +134,17 @@ impl Conn {
             }
             let left = timeout.saturating_sub(self.body_wait.waited());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the request body came too slowly (less than 64 KiB per --socket-timeout of waiting)",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, BodyTooSlow));
             }
             let started = Instant::now();
             let ready = wait_for(self.socket.as_fd(), libc::POLLIN, left);
             self.body_wait.add_wait(started.elapsed());
             if !ready? {
+                // Earlier waits in this 64 KiB used most of the timeout: the peer trickles rather than
+                // stalls (a stall after bytes flowing finds nearly all of it left).
+                if left <= timeout / 2 {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, BodyTooSlow));
+                }
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "timed out waiting for the request body",

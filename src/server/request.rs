@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use oxwsgi_proto::body::{parse_content_length, BodyFraming};
 use oxwsgi_proto::{parse_packet_each, Limits, ProtocolError, HEADER_LEN, MODIFIER_WSGI};
 
-use super::conn::Conn;
+use super::conn::{BodyTooSlow, Conn};
 use crate::metrics::model::Method;
 
 /// Bodies up to this size are read into memory by the I/O runtime before the app starts, when they did not
@@ -349,7 +349,13 @@ impl Body {
                 Ok(read)
             }
             Err(err) if err.kind() == io::ErrorKind::TimedOut => {
-                Err(self.fail(io::ErrorKind::TimedOut, "timed out waiting for the request body"))
+                let too_slow = err.get_ref().and_then(|inner| inner.downcast_ref::<BodyTooSlow>());
+                let why = if too_slow.is_some() {
+                    BodyTooSlow::MESSAGE
+                } else {
+                    "timed out waiting for the request body"
+                };
+                Err(self.fail(io::ErrorKind::TimedOut, why))
             }
             Err(err) => {
                 self.source = Source::Failed(err.kind(), "error reading the request body");
