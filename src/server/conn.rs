@@ -68,7 +68,7 @@ impl BodyWait {
     }
 
     /// `bytes` arrived: enough of them since the last reset gives the peer a full timeout again.
-    fn received(&self, bytes: usize) {
+    fn arrived(&self, bytes: usize) {
         let received = self.received.load(Ordering::Relaxed) + bytes as u64;
         if received >= BODY_BYTES_PER_TIMEOUT {
             self.received.store(0, Ordering::Relaxed);
@@ -127,7 +127,7 @@ impl Conn {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(read) => {
-                    self.body_wait.received(read);
+                    self.body_wait.arrived(read);
                     return Ok(read);
                 }
                 Err(err) => return Err(err),

@@ -218,7 +218,6 @@ fn run(
         }
     })();
     let client_gone = lock(py, &sink).client_gone();
-    let body_cut = input.get().peer_closed(py);
     // The failure is logged before the connection ends, so its consequence (a 500, an abort) follows it
     // in the log.
     let outcome = match result {
@@ -228,8 +227,9 @@ fn run(
             debug!(request = %line, "the app stopped: the client closed the connection");
             Outcome::Served
         }
-        // What the app raised reading a body the client never finished sending is no app error either.
-        Err(_) if body_cut => {
+        // What the app raised reading a body the client never finished sending is no app error either
+        // (asked only of a failed request: it takes the body's lock).
+        Err(_) if input.get().peer_closed(py) => {
             info!(request = %line, "the app stopped: the client closed the connection before sending the whole body");
             Outcome::Served
         }
