@@ -7,7 +7,7 @@
 //! [`ProtocolError`] (the packet can never become valid: reply 400 or close).
 //!
 //! This crate does no I/O and imports no runtime, no Python and no logging; the compiler keeps it
-//! that way. Nothing here allocates while parsing: [`Vars`] borrows the caller's buffer.
+//! that way. The uwsgi parser allocates nothing: [`Vars`] borrows the caller's buffer.
 //!
 //! # Layout
 //! - `header`: the 4-byte header, modifier constants, [`pong`].
@@ -16,6 +16,8 @@
 //! - `body`: the request body's framing: `CONTENT_LENGTH`, and counting the body as it arrives.
 //! - `environ`: what the WSGI environ makes of the vars (left-out vars, repeats, `wsgi.url_scheme`, the
 //!   `SERVER_NAME` / `SERVER_PORT` / `SCRIPT_NAME` defaults), for a server to turn into its own objects.
+//! - `http`: `--http-socket`'s HTTP/1.x: a request head to the vars nginx would send, chunked bodies, a
+//!   response head read back for framing.
 //! - `response`: what goes back — the HTTP response head a server writes, validated and encoded (uwsgi
 //!   answers are raw HTTP).
 //! - this file: [`Limits`], [`parse_packet`] (and [`parse_packet_each`]), [`encode_packet`],
@@ -25,6 +27,7 @@ pub mod body;
 pub mod environ;
 pub mod error;
 pub mod header;
+pub mod http;
 pub mod response;
 pub mod vars;
 

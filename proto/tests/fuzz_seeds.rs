@@ -210,7 +210,26 @@ fn build() -> Seeds {
     for (name, body) in bodies() {
         add("body_framing", &name, body.encode());
     }
+    for (name, raw) in http_requests() {
+        add("http_request", name, raw.to_vec());
+    }
     seeds
+}
+
+/// What HTTP clients send to `--http-socket`: the target reads the bytes as they are.
+fn http_requests() -> Vec<(&'static str, &'static [u8])> {
+    vec![
+        ("get", b"GET /a%20b/./c//d?x=1 HTTP/1.1\r\nHost: example.test\r\nUser-Agent: curl/8\r\nAccept: */*\r\n\r\n"),
+        ("http10", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"),
+        ("absolute", b"GET http://example.test/p?q HTTP/1.1\r\nHost: example.test\r\n\r\n"),
+        ("post", b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"),
+        (
+            "chunked",
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\nGET / HTTP/1.1\r\n",
+        ),
+        ("dots", b"GET /a/../b/%2e%2e/c/. HTTP/1.1\r\nHost: h\r\nX_Under: 1\r\n\r\n"),
+    ]
 }
 
 fn seeds_dir() -> PathBuf {
@@ -236,7 +255,7 @@ fn committed_seeds_are_the_ones_built_here() {
     let seeds = build();
     assert_eq!(
         seeds.keys().copied().collect::<Vec<_>>(),
-        ["body_framing", "environ", "parse_packet", "parse_split", "response_head"]
+        ["body_framing", "environ", "http_request", "parse_packet", "parse_split", "response_head"]
     );
     let write = std::env::var_os("OXWSGI_WRITE_SEEDS").is_some();
     for (target, files) in &seeds {
