@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::{self, Config, SocketSpec};
 use crate::metrics::Recorder;
-use crate::server::{BoundSocket, Front};
+use crate::server::{BoundSocket, Front, Protocol};
 use crate::{deploy, logging, master, server, wsgi};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -99,7 +99,10 @@ pub fn run_with(args: Vec<OsString>, workers: master::WorkerCommand) -> ExitCode
 enum SocketsError {
     #[error("cannot use the sockets passed by systemd: {0}")]
     Systemd(std::io::Error),
-    #[error("no socket to listen on: give --socket ADDR (or start under systemd socket activation)")]
+    #[error(
+        "no socket to listen on: give --socket ADDR or --http-socket ADDR (or start under systemd socket \
+         activation)"
+    )]
     NoSocket,
     #[error("cannot listen on {spec}: {source}")]
     Bind { spec: SocketSpec, source: std::io::Error },
@@ -117,15 +120,16 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
         Ok(None) => {}
         Err(err) => return Err(SocketsError::Systemd(err)),
     }
-    if config.sockets.is_empty() {
+    if config.sockets.is_empty() && config.http_sockets.is_empty() {
         return Err(SocketsError::NoSocket);
     }
     deploy::check_backlog(config.server.listen_backlog);
-    config
-        .sockets
-        .iter()
-        .map(|spec| {
-            server::bind(spec, &config.server)
+    let uwsgi = config.sockets.iter().map(|spec| (spec, Protocol::Uwsgi));
+    let http = config.http_sockets.iter().map(|spec| (spec, Protocol::Http));
+    uwsgi
+        .chain(http)
+        .map(|(spec, protocol)| {
+            server::bind(spec, protocol, &config.server)
                 .map_err(|source| SocketsError::Bind { spec: spec.clone(), source })
         })
         .collect()
@@ -135,7 +139,7 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
 /// header. A TCP socket that other hosts may reach is allowed (nginx on another machine needs one) but said
 /// out loud, once, at start.
 fn warn_about_exposed_sockets(sockets: &[BoundSocket]) {
-    for socket in sockets {
+    for socket in sockets.iter().filter(|socket| socket.protocol == Protocol::Uwsgi) {
         if let SocketSpec::Tcp(addr) = &socket.spec {
             if !addr.ip().is_loopback() {
                 tracing::warn!(

@@ -47,7 +47,8 @@ impl Alone {
             vacuum: true,
             max_requests: None,
         };
-        let socket = server::bind(&SocketSpec::Unix(path.clone()), &config).expect("bind");
+        let socket =
+            server::bind(&SocketSpec::Unix(path.clone()), server::Protocol::Uwsgi, &config).expect("bind");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let front =
             Front::new(vec![socket], config, Recorder::disabled(), runtime.handle().clone(), Box::new(|| {}))

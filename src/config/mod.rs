@@ -53,6 +53,13 @@ pub struct Cli {
     #[arg(long = "socket", short = 's', value_name = "ADDR", env = "OXWSGI_SOCKET", value_delimiter = ',')]
     pub sockets: Vec<String>,
 
+    /// Also serve plain HTTP/1.1 on ADDR (the same forms as --socket; repeatable): for development without
+    /// nginx, and for health probes (a Kubernetes `httpGet`). Keep-alive, Content-Length and chunked request
+    /// bodies; the app sees the environ nginx would send for the same request. Public traffic still belongs
+    /// behind nginx (TLS, static files, slow clients).
+    #[arg(long = "http-socket", value_name = "ADDR", env = "OXWSGI_HTTP_SOCKET", value_delimiter = ',')]
+    pub http_sockets: Vec<String>,
+
     /// Load the app from a module: `package.module:callable` (callable defaults to --callable).
     #[arg(long, short = 'w', value_name = "MODULE[:CALLABLE]", env = "OXWSGI_MODULE")]
     #[arg(conflicts_with = "wsgi_file", required_unless_present_any = ["wsgi_file", "ini", "ini_file"])]
@@ -227,6 +234,8 @@ pub struct LogConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
     pub sockets: Vec<SocketSpec>,
+    /// `--http-socket`: plain HTTP/1.1 listeners.
+    pub http_sockets: Vec<SocketSpec>,
     pub app: AppSpec,
     pub pool: PoolConfig,
     pub server: ServerConfig,
@@ -416,6 +425,7 @@ impl TryFrom<Cli> for Config {
 
     fn try_from(cli: Cli) -> Result<Self, ConfigError> {
         let sockets = cli.sockets.iter().map(|s| parse_socket(s)).collect::<Result<Vec<_>, _>>()?;
+        let http_sockets = cli.http_sockets.iter().map(|s| parse_http_socket(s)).collect::<Result<_, _>>()?;
         let max_datasize =
             u16::try_from(cli.buffer_size).map_err(|_| ConfigError::BufferSizeTooLarge(cli.buffer_size))?;
         if max_datasize == 0 {
@@ -466,22 +476,10 @@ impl TryFrom<Cli> for Config {
         let needs_master =
             recycle.any() || cli.harakiri > 0 || metrics.enabled() || !cli.touch_reload.is_empty();
         let master = cli.master || cli.processes.get() > 1 || needs_master;
-        let (source, callable) = match (cli.module, cli.wsgi_file) {
-            (Some(module), None) => {
-                let (module, callable) = match module.split_once(':') {
-                    Some((module, callable)) => (module.to_owned(), callable.to_owned()),
-                    None => (module, cli.callable),
-                };
-                if module.is_empty() || callable.is_empty() {
-                    return Err(ConfigError::Module(format!("{module}:{callable}")));
-                }
-                (AppSource::Module(module), callable)
-            }
-            (None, Some(path)) => (AppSource::File(path), cli.callable),
-            _ => return Err(ConfigError::AppSource),
-        };
+        let (source, callable) = app_source(cli.module, cli.wsgi_file, cli.callable)?;
         Ok(Config {
             sockets,
+            http_sockets,
             run_as,
             metrics,
             pidfile: cli.pidfile,
@@ -539,6 +537,33 @@ fn metrics_config(cli: &Cli) -> Result<MetricsConfig, ConfigError> {
 /// otherwise `host:port`, resolved once, now.
 pub fn parse_socket(text: &str) -> Result<SocketSpec, ConfigError> {
     parse_address("--socket", text)
+}
+
+/// Where the app comes from (`--module` or `--wsgi-file`), and its callable.
+fn app_source(
+    module: Option<String>,
+    wsgi_file: Option<PathBuf>,
+    callable: String,
+) -> Result<(AppSource, String), ConfigError> {
+    match (module, wsgi_file) {
+        (Some(module), None) => {
+            let (module, callable) = match module.split_once(':') {
+                Some((module, callable)) => (module.to_owned(), callable.to_owned()),
+                None => (module, callable),
+            };
+            if module.is_empty() || callable.is_empty() {
+                return Err(ConfigError::Module(format!("{module}:{callable}")));
+            }
+            Ok((AppSource::Module(module), callable))
+        }
+        (None, Some(path)) => Ok((AppSource::File(path), callable)),
+        _ => Err(ConfigError::AppSource),
+    }
+}
+
+/// [`parse_socket`] for `--http-socket`.
+pub fn parse_http_socket(text: &str) -> Result<SocketSpec, ConfigError> {
+    parse_address("--http-socket", text)
 }
 
 /// [`parse_socket`] for `option`, which its errors name.

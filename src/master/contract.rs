@@ -11,7 +11,7 @@ use tracing::{error, warn};
 
 use crate::config::{Config, RecycleConfig};
 use crate::metrics::{Recorder, Region};
-use crate::server::{self, BoundSocket};
+use crate::server::{self, BoundSocket, Protocol};
 
 /// Set in a worker's environment: its number, from 1 (apps may read it too).
 pub const WORKER_ID_ENV: &str = "OXWSGI_WORKER_ID";
@@ -25,6 +25,9 @@ pub(super) const CONFIG_ENV: &str = "OXWSGI_CONFIG";
 
 /// Set in a worker's environment: how many listening sockets it inherits, at descriptors 3, 4, ...
 pub(super) const LISTEN_FDS_ENV: &str = "OXWSGI_LISTEN_FDS";
+
+/// Set in a worker's environment: what each inherited socket speaks, in order (`uwsgi,http`).
+pub(super) const LISTEN_PROTOCOLS_ENV: &str = "OXWSGI_LISTEN_PROTOCOLS";
 
 /// Set in a worker's environment: the descriptor of its control socket to the master.
 pub(super) const READY_FD_ENV: &str = "OXWSGI_READY_FD";
@@ -46,6 +49,8 @@ pub struct Inherited {
     /// The master's config.
     pub config: Config,
     listeners: Vec<OwnedFd>,
+    /// What each listener speaks (`uwsgi` when the variable names none).
+    protocols: Vec<Protocol>,
     control: OwnedFd,
     /// The metrics region's descriptor and this worker's cell in it.
     metrics: Option<(OwnedFd, usize)>,
@@ -75,12 +80,20 @@ impl Inherited {
         let master = number(MASTER_PID_ENV);
         let worker_id = number(WORKER_ID_ENV);
         let listen_fds = number(LISTEN_FDS_ENV);
+        let protocols = std::env::var(LISTEN_PROTOCOLS_ENV).unwrap_or_default();
+        let protocols: Vec<Protocol> = protocols.split(',').map(Protocol::from_name).collect();
         let control = fd(READY_FD_ENV);
         let metrics = fd(METRICS_FD_ENV).zip(number(METRICS_CELL_ENV));
         let config = std::env::var(CONFIG_ENV).ok();
-        for name in
-            [MASTER_PID_ENV, CONFIG_ENV, LISTEN_FDS_ENV, READY_FD_ENV, METRICS_FD_ENV, METRICS_CELL_ENV]
-        {
+        for name in [
+            MASTER_PID_ENV,
+            CONFIG_ENV,
+            LISTEN_FDS_ENV,
+            LISTEN_PROTOCOLS_ENV,
+            READY_FD_ENV,
+            METRICS_FD_ENV,
+            METRICS_CELL_ENV,
+        ] {
             // SAFETY: called at start-up, before any other thread exists.
             unsafe { std::env::remove_var(name) };
         }
@@ -109,12 +122,18 @@ impl Inherited {
         let control = unsafe { OwnedFd::from_raw_fd(control) };
         // SAFETY: the metrics region, placed by the master (above).
         let metrics = metrics.map(|(fd, cell)| (unsafe { OwnedFd::from_raw_fd(fd) }, cell));
-        Ok(Some(Self { worker_id, config, listeners: listeners.collect(), control, metrics }))
+        Ok(Some(Self { worker_id, config, listeners: listeners.collect(), protocols, control, metrics }))
     }
 
     /// Puts the descriptors to use. Fails if a listening socket is not one.
     pub fn into_handoff(self) -> io::Result<Handoff> {
-        let sockets = self.listeners.into_iter().map(server::adopt).collect::<io::Result<_>>()?;
+        let protocols = self.protocols.into_iter().chain(std::iter::repeat(Protocol::Uwsgi));
+        let sockets = self
+            .listeners
+            .into_iter()
+            .zip(protocols)
+            .map(|(fd, protocol)| server::adopt(fd).map(|socket| socket.speaking(protocol)))
+            .collect::<io::Result<_>>()?;
         let control = UnixStream::from(self.control);
         // Close-on-exec, so the app's subprocesses do not inherit it.
         socket2::SockRef::from(&control).set_cloexec(true)?;

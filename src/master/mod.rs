@@ -42,7 +42,7 @@ use crate::metrics::books::{Books, SocketInfo, WorkerInfo};
 use crate::metrics::endpoint::{self, Query};
 use crate::metrics::region::CELLS_PER_WORKER;
 use crate::metrics::Region;
-use crate::server::BoundSocket;
+use crate::server::{BoundSocket, Protocol};
 
 /// Why the master stopped on its own, by kind.
 #[derive(Debug, thiserror::Error)]
@@ -78,11 +78,14 @@ pub fn run(
 ) -> Result<(), MasterError> {
     let socket_files: Vec<PathBuf> = sockets.iter().filter_map(BoundSocket::socket_file).collect();
     // As given, the way uWSGI names them in its stats: a Unix socket by its path alone.
-    let socket_names: Vec<String> = sockets
+    let socket_names: Vec<(String, Protocol)> = sockets
         .iter()
-        .map(|socket| match &socket.spec {
-            SocketSpec::Unix(path) => path.display().to_string(),
-            SocketSpec::Tcp(addr) => addr.to_string(),
+        .map(|socket| {
+            let name = match &socket.spec {
+                SocketSpec::Unix(path) => path.display().to_string(),
+                SocketSpec::Tcp(addr) => addr.to_string(),
+            };
+            (name, socket.protocol)
         })
         .collect();
     // The copies handed down sit above the numbers the workers receive them at (3, 4, ..., and the control
@@ -155,6 +158,8 @@ struct Supervisor<'a> {
     worker_command: WorkerCommand,
     /// The listening sockets, at descriptors above those the workers receive them at.
     handoff: Vec<OwnedFd>,
+    /// What each socket speaks, in `handoff` order, as the workers get it ([`LISTEN_PROTOCOLS_ENV`]).
+    socket_protocols: String,
     socket_files: Vec<PathBuf>,
     /// The sockets' names, in `handoff` order.
     socket_names: Vec<String>,
@@ -185,9 +190,11 @@ impl<'a> Supervisor<'a> {
         worker_command: WorkerCommand,
         handoff: Vec<OwnedFd>,
         socket_files: Vec<PathBuf>,
-        socket_names: Vec<String>,
+        socket_names: Vec<(String, Protocol)>,
         books: Option<(Books, OwnedFd)>,
     ) -> Self {
+        let socket_protocols = socket_names.iter().map(|(_, protocol)| protocol.name()).collect::<Vec<_>>();
+        let socket_names: Vec<String> = socket_names.into_iter().map(|(name, _)| name).collect();
         let (events, inbox) = mpsc::channel(EVENT_QUEUE);
         let (query_sender, queries) = mpsc::channel(QUERY_QUEUE);
         let backoff = RESPAWN_BACKOFF_MIN;
@@ -196,6 +203,7 @@ impl<'a> Supervisor<'a> {
             config_json,
             worker_command,
             handoff,
+            socket_protocols: socket_protocols.join(","),
             socket_files,
             listen_queue_warned: vec![None; socket_names.len()],
             socket_names,

@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tracing::{error, info};
 
 use super::contract::{
-    dup_above, handoff_floor, CONFIG_ENV, FIRST_INHERITED_FD, LISTEN_FDS_ENV, MASTER_PID_ENV,
-    METRICS_CELL_ENV, METRICS_FD_ENV, READY_FD_ENV, SAYS_HARAKIRI, SAYS_MAX_REQUESTS, SAYS_READY,
-    WORKER_ID_ENV,
+    dup_above, handoff_floor, CONFIG_ENV, FIRST_INHERITED_FD, LISTEN_FDS_ENV, LISTEN_PROTOCOLS_ENV,
+    MASTER_PID_ENV, METRICS_CELL_ENV, METRICS_FD_ENV, READY_FD_ENV, SAYS_HARAKIRI, SAYS_MAX_REQUESTS,
+    SAYS_READY, WORKER_ID_ENV,
 };
 use super::lifecycle::{
     Phase, Retirement, Worker, HEALTHY_LIFETIME, RESPAWN_BACKOFF_MAX, RESPAWN_BACKOFF_MIN,
@@ -85,6 +85,7 @@ impl Supervisor<'_> {
             .env(CONFIG_ENV, &self.config_json)
             .env(WORKER_ID_ENV, slot.to_string())
             .env(LISTEN_FDS_ENV, sources.len().to_string())
+            .env(LISTEN_PROTOCOLS_ENV, &self.socket_protocols)
             .env(READY_FD_ENV, control_target.to_string())
             .env_remove(METRICS_FD_ENV)
             .env_remove(METRICS_CELL_ENV)

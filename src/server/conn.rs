@@ -9,7 +9,8 @@
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -40,12 +41,15 @@ impl BodyTooSlow {
         "the request body came too slowly (less than 64 KiB per --socket-timeout of waiting)";
 }
 
-/// One accepted connection from nginx. Closed when dropped.
+/// One accepted connection from nginx (or from the `--http-socket` gateway). Closed when dropped.
 #[derive(Debug)]
 pub struct Conn {
     socket: Socket,
     kind: Kind,
     body_wait: BodyWait,
+    /// For the gateway's end of a socket pair: set by [`Conn::abort`], since a Unix socket cannot carry a
+    /// reset, and the gateway must not end a chunked response as if it were complete.
+    aborted: Option<Arc<AtomicBool>>,
 }
 
 /// How long the serving thread has waited for request-body bytes since the peer last delivered
@@ -88,7 +92,18 @@ pub enum TokioStream {
 impl Conn {
     /// `socket` must be a connected, non-blocking stream socket of the family `kind` names.
     pub(super) fn new(socket: Socket, kind: Kind) -> Self {
-        Self { socket, kind, body_wait: BodyWait::default() }
+        Self { socket, kind, body_wait: BodyWait::default(), aborted: None }
+    }
+
+    /// The serving side of a socket pair whose other end the `--http-socket` gateway holds: `aborted` is
+    /// set if the response is aborted.
+    pub(super) fn bridged(socket: Socket, aborted: Arc<AtomicBool>) -> Self {
+        Self { aborted: Some(aborted), ..Self::new(socket, Kind::Unix) }
+    }
+
+    /// The flag [`Conn::abort`] sets, for whoever writes the response from the I/O runtime.
+    pub(super) fn abort_flag(&self) -> Option<Arc<AtomicBool>> {
+        self.aborted.clone()
     }
 
     /// Reads what has arrived into the spare capacity of `buf`, without waiting: `WouldBlock` if nothing
@@ -161,6 +176,9 @@ impl Conn {
     /// Makes the close that ends this connection (when every descriptor of it is dropped) an error for
     /// nginx rather than the end of a complete response.
     pub fn abort(&self) {
+        if let Some(aborted) = &self.aborted {
+            aborted.store(true, Ordering::Release);
+        }
         if self.kind == Kind::Tcp {
             // A zero linger makes close() send RST: nginx then reports the upstream error and never passes a
             // truncated body off as complete. A Unix socket has no reset; with a Content-Length, nginx
@@ -172,7 +190,12 @@ impl Conn {
     /// A second descriptor for the same connection, for the I/O runtime while a request body reader on
     /// the serving thread still holds this one.
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self { socket: self.socket.try_clone()?, kind: self.kind, body_wait: BodyWait::default() })
+        Ok(Self {
+            socket: self.socket.try_clone()?,
+            kind: self.kind,
+            body_wait: BodyWait::default(),
+            aborted: self.aborted.clone(),
+        })
     }
 
     /// Registers the connection with the current tokio runtime. Must be called inside it.

@@ -23,12 +23,13 @@ use oxwsgi_proto::{HEADER_LEN, MODIFIER_WSGI};
 use socket2::Socket;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::accept_errors::AcceptErrors;
 use super::conn::{Conn, Kind};
-use super::listener::BoundSocket;
+use super::listener::{BoundSocket, Protocol};
 use super::log_budget::{left_out, LogBudget};
 use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
 use super::responder::{Record, Responder};
@@ -126,11 +127,12 @@ pub(super) struct Arrival<C = Conn> {
     pub in_flight: InFlight,
 }
 
-struct Listening {
-    socket: Socket,
-    kind: Kind,
-    spec: SocketSpec,
-    info: Arc<ListenerInfo>,
+pub(super) struct Listening {
+    pub socket: Socket,
+    pub kind: Kind,
+    pub protocol: Protocol,
+    pub spec: SocketSpec,
+    pub info: Arc<ListenerInfo>,
 }
 
 /// Everything the serving threads and the I/O runtime share.
@@ -152,8 +154,9 @@ pub struct Front {
     arrivals: AtomicUsize,
     /// Any of the three counts above went down.
     changed: Notify,
-    accept_errors: AcceptErrors,
+    pub(super) accept_errors: AcceptErrors,
     refusals: LogBudget,
+    http_stop: CancellationToken,
 }
 
 impl Front {
@@ -169,7 +172,7 @@ impl Front {
         let listeners = sockets
             .into_iter()
             .map(|bound| {
-                let (socket, spec) = bound.into_parts();
+                let (socket, spec, protocol) = bound.into_parts();
                 let (kind, info) = match &spec {
                     SocketSpec::Tcp(addr) => {
                         let local = socket.local_addr()?.as_socket().unwrap_or(*addr);
@@ -184,7 +187,7 @@ impl Front {
                         ListenerInfo { server_name: "localhost".into(), server_port: String::new() },
                     ),
                 };
-                Ok(Listening { socket, kind, spec, info: Arc::new(info) })
+                Ok(Listening { socket, kind, protocol, spec, info: Arc::new(info) })
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Self {
@@ -204,12 +207,20 @@ impl Front {
             changed: Notify::new(),
             accept_errors: AcceptErrors::new(),
             refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
+            http_stop: CancellationToken::new(),
         }))
     }
 
     /// `unix:/path, 127.0.0.1:3031`, for the log.
     pub fn names(&self) -> String {
-        self.listeners.iter().map(|l| l.spec.to_string()).collect::<Vec<_>>().join(", ")
+        let name = |l: &Listening| match l.protocol {
+            Protocol::Uwsgi => l.spec.to_string(),
+            Protocol::Http => match &l.spec {
+                SocketSpec::Tcp(addr) => format!("http://{addr}/"),
+                SocketSpec::Unix(_) => format!("{} (HTTP)", l.spec),
+            },
+        };
+        self.listeners.iter().map(name).collect::<Vec<_>>().join(", ")
     }
 
     /// The Unix socket files, to remove at exit.
@@ -223,10 +234,50 @@ impl Front {
             .collect()
     }
 
+    /// The listeners the serving threads accept on, with their indices; the I/O runtime accepts on the
+    /// HTTP ones ([`Front::serve_http`]).
+    fn uwsgi_listeners(&self) -> impl Iterator<Item = (usize, &Listening)> {
+        self.listeners.iter().enumerate().filter(|(_, listener)| listener.protocol == Protocol::Uwsgi)
+    }
+
+    /// Starts accepting on the `--http-socket` listeners, in the I/O runtime, until the graceful stop.
+    pub fn serve_http(self: &Arc<Self>) {
+        for (index, listener) in self.listeners.iter().enumerate() {
+            if listener.protocol == Protocol::Http {
+                self.spawn(super::http::accept(Arc::clone(self), index));
+            }
+        }
+    }
+
+    pub(super) fn listener(&self, index: usize) -> &Listening {
+        &self.listeners[index]
+    }
+
+    /// Resolves when the graceful stop begins: the HTTP side stops accepting and closes idle connections.
+    pub(super) async fn stop_requested(&self) {
+        self.http_stop.cancelled().await;
+    }
+
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// A connection whose request the I/O runtime reads, which the graceful stop must wait for (see
+    /// [`Front::arrival_done`]). Also counted for `--max-requests`.
+    pub(super) fn arrival_started(&self) {
+        self.count_accept();
+        self.arrivals.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A connection the I/O runtime accepted and read, for the first free serving thread.
+    pub(super) fn queue_connection(&self, arrival: Arrival) {
+        self.queue.push(Queued::Accepted(arrival));
+    }
+
     /// A serving thread's handle: its epoll set over every listener and the queue.
     pub fn acceptor(self: &Arc<Self>) -> io::Result<Acceptor> {
         let epoll = Epoll::new()?;
-        for (index, listener) in self.listeners.iter().enumerate() {
+        for (index, listener) in self.uwsgi_listeners() {
             epoll.add(listener.socket.as_raw_fd(), index as u64, Watch::Exclusive)?;
         }
         epoll.add(self.queue.ready.fd(), QUEUE_TOKEN, Watch::Exclusive)?;
@@ -343,6 +394,7 @@ impl Front {
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.signal();
+        self.http_stop.cancel();
     }
 
     /// Resolves once every request accepted before [`Front::stop_accepting`] is answered: the threads have
@@ -629,6 +681,10 @@ impl Acceptor {
     fn take_queued(&mut self) -> Option<Request> {
         let mut index = 0;
         while index < self.front.listeners.len() {
+            if self.front.listeners[index].protocol != Protocol::Uwsgi {
+                index += 1;
+                continue;
+            }
             match self.accept(index) {
                 Accept::Connection(arrival) => {
                     if let Some(request) = self.start(arrival) {
@@ -649,7 +705,7 @@ impl Acceptor {
             return;
         }
         self.release_held();
-        for listener in &self.front.listeners {
+        for (_, listener) in self.front.uwsgi_listeners() {
             self.epoll.remove(listener.socket.as_raw_fd());
         }
         self.epoll.remove(self.front.stop.fd());

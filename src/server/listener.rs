@@ -16,10 +16,39 @@ use crate::config::{ServerConfig, SocketSpec};
 /// systemd passes activated sockets from this descriptor on (`SD_LISTEN_FDS_START`).
 const SD_LISTEN_FDS_START: RawFd = 3;
 
+/// What a listening socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// uwsgi packets from nginx (`--socket`): the serving threads accept.
+    Uwsgi,
+    /// Plain HTTP/1.1 (`--http-socket`): the I/O runtime accepts ([`super::http`]).
+    Http,
+}
+
+impl Protocol {
+    /// The name a master passes to its workers, and a systemd socket unit gives (`FileDescriptorName=`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uwsgi => "uwsgi",
+            Self::Http => "http",
+        }
+    }
+
+    /// `http` is HTTP; any other name (systemd's default is the unit's name) is uwsgi.
+    pub fn from_name(name: &str) -> Self {
+        if name == "http" {
+            Self::Http
+        } else {
+            Self::Uwsgi
+        }
+    }
+}
+
 /// A bound, listening socket, not yet registered with a runtime.
 #[derive(Debug)]
 pub struct BoundSocket {
     pub spec: SocketSpec,
+    pub protocol: Protocol,
     socket: Socket,
 }
 
@@ -34,7 +63,13 @@ impl BoundSocket {
             // As in `bind`: accepted connections inherit it.
             socket.set_tcp_nodelay(true)?;
         }
-        Ok(Self { spec, socket })
+        Ok(Self { spec, protocol: Protocol::Uwsgi, socket })
+    }
+
+    /// The same socket, speaking `protocol`.
+    #[must_use]
+    pub fn speaking(self, protocol: Protocol) -> Self {
+        Self { protocol, ..self }
     }
 
     /// The file of a Unix socket, to remove at exit.
@@ -50,14 +85,14 @@ impl BoundSocket {
         self.socket.as_raw_fd()
     }
 
-    pub(super) fn into_parts(self) -> (Socket, SocketSpec) {
-        (self.socket, self.spec)
+    pub(super) fn into_parts(self) -> (Socket, SocketSpec, Protocol) {
+        (self.socket, self.spec, self.protocol)
     }
 }
 
-/// Binds `spec`. A Unix socket file left by a dead server is replaced; one that still accepts connections is
+/// Binds `spec`, speaking `protocol`. A Unix socket file left by a dead server is replaced; one that still accepts connections is
 /// an error (uWSGI unlinks it blindly and steals the address from the live server).
-pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket> {
+pub fn bind(spec: &SocketSpec, protocol: Protocol, config: &ServerConfig) -> io::Result<BoundSocket> {
     let backlog = i32::try_from(config.listen_backlog).unwrap_or(i32::MAX);
     let socket = match spec {
         SocketSpec::Tcp(addr) => {
@@ -90,24 +125,30 @@ pub fn bind(spec: &SocketSpec, config: &ServerConfig) -> io::Result<BoundSocket>
     };
     socket.set_nonblocking(true)?;
     socket.set_cloexec(true)?;
-    Ok(BoundSocket { spec: spec.clone(), socket })
+    Ok(BoundSocket { spec: spec.clone(), protocol, socket })
 }
 
-/// The sockets systemd passed (`LISTEN_FDS`, for this process per `LISTEN_PID`), if any. The variables
-/// are removed, so that processes this one starts do not take the sockets for theirs.
+/// The sockets systemd passed (`LISTEN_FDS`, for this process per `LISTEN_PID`), if any; one named `http`
+/// (`FileDescriptorName=http`) speaks HTTP, the others uwsgi. The variables are removed, so that processes
+/// this one starts do not take the sockets for theirs.
 pub fn systemd_sockets() -> io::Result<Option<Vec<BoundSocket>>> {
     let for_us =
         std::env::var("LISTEN_PID").ok().and_then(|pid| pid.parse::<u32>().ok()) == Some(std::process::id());
     let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<RawFd>().ok());
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     for name in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         // SAFETY: removing variables while no other thread runs (this is called at start-up).
         unsafe { std::env::remove_var(name) };
     }
     let (true, Some(count)) = (for_us, count) else { return Ok(None) };
+    let mut names = names.split(':');
     (SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + count)
-        // SAFETY: systemd hands this process (LISTEN_PID said so) descriptors 3..3+LISTEN_FDS, which
-        // nothing else here owns, and each is taken once.
-        .map(|fd| adopt(unsafe { OwnedFd::from_raw_fd(fd) }))
+        .map(|fd| {
+            let protocol = Protocol::from_name(names.next().unwrap_or_default());
+            // SAFETY: systemd hands this process (LISTEN_PID said so) descriptors 3..3+LISTEN_FDS, which
+            // nothing else here owns, and each is taken once.
+            adopt(unsafe { OwnedFd::from_raw_fd(fd) }).map(|socket| socket.speaking(protocol))
+        })
         .collect::<io::Result<_>>()
         .map(Some)
 }

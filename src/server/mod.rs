@@ -9,6 +9,7 @@
 mod accept_errors;
 mod conn;
 mod front;
+mod http;
 mod listener;
 mod log_budget;
 mod request;
@@ -17,12 +18,13 @@ mod waiting;
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use tracing::{info, warn};
 
 pub use conn::Kind;
 pub use front::{Acceptor, Front, Job, Request};
-pub use listener::{adopt, bind, systemd_sockets, BoundSocket};
+pub use listener::{adopt, bind, systemd_sockets, BoundSocket, Protocol};
 pub use request::{Body, ListenerInfo, RequestHead, RequestLine};
 pub use responder::{ClientGone, Responder};
 
@@ -30,7 +32,12 @@ pub use responder::{ClientGone, Responder};
 /// the graceful timeout) and, with `vacuum`, removes Unix socket files. `ready` is called once the serving
 /// threads accept. The serving threads themselves are started by the caller, each calling
 /// [`Front::acceptor`].
-pub async fn run(front: &Front, shutdown: impl Future<Output = ()>, ready: impl FnOnce()) -> io::Result<()> {
+pub async fn run(
+    front: &Arc<Front>,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(),
+) -> io::Result<()> {
+    front.serve_http();
     info!("ready: listening on {}", front.names());
     ready();
     shutdown.await;

@@ -29,7 +29,7 @@ use crate::metrics::model::ProtocolErrorKind;
 /// are 1-3 KiB, so one read takes the header, the vars and a small body together.
 const READ_AHEAD: usize = 8 * 1024;
 
-const PLAIN_HTTP_REPLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 95\r\n\r\nThis socket speaks the uwsgi protocol; point nginx at it with uwsgi_pass, not proxy_pass/HTTP.\n";
+const PLAIN_HTTP_REPLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 108\r\n\r\nThis socket speaks the uwsgi protocol: point nginx at it with uwsgi_pass, or serve HTTP with --http-socket.\n";
 const BAD_REQUEST_REPLY: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\nBad Request\n";
 const TOO_LARGE_REPLY: &[u8] = b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: text/plain\r\nContent-Length: 25\r\n\r\nRequest Entity Too Large\n";
@@ -357,10 +357,14 @@ pub(super) async fn write_rest(
     front: Arc<Front>,
 ) {
     let wait = front.config.socket_timeout;
+    let aborted = conn.abort_flag();
     with_stream!(
         conn,
         |stream| {
             let (end, record) = write_parts(stream, first, parts, record, wait).await;
+            if let (End::Aborted, Some(aborted)) = (&end, aborted) {
+                aborted.store(true, std::sync::atomic::Ordering::Release);
+            }
             record.done(&front, &end);
         },
         |err| record.done(&front, &End::WriteFailed(err))

@@ -1,6 +1,7 @@
 """A minimal systemd-style socket-activation launcher for tests: binds a Unix socket at PATH, then runs
 COMMAND with the listening socket at descriptor 3 and LISTEN_FDS=1, LISTEN_PID=<its own pid>, as systemd
-does (LISTEN_PID can only be known in the child, after the fork).
+does (LISTEN_PID can only be known in the child, after the fork). With SOCKET_ACTIVATE_NAME set, the socket
+is named that in LISTEN_FDNAMES, as a unit's FileDescriptorName= names it.
 
 Usage: python3 socket_activate.py PATH COMMAND [ARGS...]"""
 
@@ -19,6 +20,8 @@ if pid == 0:
     os.set_inheritable(3, True)  # (dup2 onto itself would leave close-on-exec set)
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_PID"] = str(os.getpid())
+    if "SOCKET_ACTIVATE_NAME" in os.environ:
+        os.environ["LISTEN_FDNAMES"] = os.environ.pop("SOCKET_ACTIVATE_NAME")
     os.execv(command[0], command)
 listener.close()
 # Stand in for the service manager: pass our exit status on, and forward SIGTERM to the service.

@@ -1,0 +1,681 @@
+//! `--http-socket`: plain HTTP/1.1 for development without nginx and for health probes, served by an
+//! in-process gateway in the I/O runtime. It does what nginx does in front of the uwsgi socket: reads the
+//! request head (`oxwsgi_proto::http`), de-chunks a chunked body, builds the uwsgi packet nginx would send,
+//! and hands the serving threads one end of a socket pair as if it were a connection from nginx. The
+//! request then takes exactly the path of any other — environ, app, response writing, harakiri, metrics,
+//! access log — and the gateway frames the raw response for a connection that stays open: the app's
+//! `Content-Length`, or chunked, or (HTTP/1.0) until close.
+//!
+//! The cost is a hand-off between threads and a copy of each byte per request: acceptable for probes and
+//! development, which is what this socket is for (bench/README.md has its numbers). No pyo3 here.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use oxwsgi_proto::http::{
+    chunk_prefix, parse_request, parse_response_head, with_headers, ChunkedDecoder, HttpError, Peer, Request,
+    RequestBody, LAST_CHUNK,
+};
+use oxwsgi_proto::HEADER_LEN;
+use socket2::Socket;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::time::timeout;
+use tracing::warn;
+
+use super::conn::{Conn, Kind};
+use super::front::{Arrival, Front};
+use super::responder::MAX_DRAIN_BYTES;
+use crate::metrics::model::ProtocolErrorKind;
+
+/// Read-ahead for a request head: most are well under 1 KiB, browsers' up to a few.
+const READ_AHEAD: usize = 8 * 1024;
+/// A chunked request body is read whole before the app starts, so the app gets its `CONTENT_LENGTH`, as
+/// nginx gives it (nginx buffers such bodies too): at most this much, or `--limit-post` if lower. Larger
+/// uploads can use `Content-Length`, which streams.
+pub const CHUNKED_BODY_MAX: u64 = 16 * 1024 * 1024;
+/// Bytes a peer must send per `--socket-timeout` while a request head or a chunked body arrives (the floor
+/// the uwsgi socket holds bodies to), so a trickling peer cannot hold a task and a descriptor for ever.
+const BYTES_PER_TIMEOUT: usize = 64 * 1024;
+/// Longest response head the gateway reads back from the serving side (the app's headers; nginx's
+/// `uwsgi_buffer_size` default is 4 KiB, so 64 KiB is generous).
+const RESPONSE_HEAD_MAX: usize = 64 * 1024;
+/// Size of each read of a response body from the serving side, and of a request body from the client.
+const RELAY_READ_SIZE: usize = 64 * 1024;
+/// Request body bytes written into the socket pair before the request is queued, with the packet: one
+/// read by the serving thread then takes the packet and a small body together.
+const BODY_WITH_PACKET: usize = 64 * 1024;
+/// First pause after `accept()` fails, and the longest.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// After a refusal, how long and how much of what the client still sends is read and dropped before the
+/// close (see [`refuse`]): enough for a body in flight on a local network, bounded so a refused client
+/// cannot keep the task.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_READ_SIZE: usize = 16 * 1024;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Accepts on HTTP listener `index` until the graceful stop, each connection served by a task of its own.
+pub(super) async fn accept(front: Arc<Front>, index: usize) {
+    let listener = match Listener::new(front.listener(index).kind, &front.listener(index).socket) {
+        Ok(listener) => listener,
+        Err(err) => {
+            return warn!("cannot accept on {}: {err}", front.listener(index).spec);
+        }
+    };
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    loop {
+        let accepted = tokio::select! {
+            () = front.stop_requested() => return,
+            accepted = listener.accept(&front, index) => accepted,
+        };
+        match accepted {
+            Ok(()) => backoff = MIN_ACCEPT_BACKOFF,
+            Err(err) => {
+                front.accept_errors.report(&err, backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn new(kind: Kind, socket: &Socket) -> io::Result<Self> {
+        let socket = socket.try_clone()?;
+        Ok(match kind {
+            Kind::Tcp => Self::Tcp(TcpListener::from_std(socket.into())?),
+            Kind::Unix => Self::Unix(UnixListener::from_std(socket.into())?),
+        })
+    }
+
+    /// Accepts one connection and starts serving it.
+    async fn accept(&self, front: &Arc<Front>, index: usize) -> io::Result<()> {
+        // Counted from the accept: a graceful stop waits for the request it brings, or for it to leave.
+        match self {
+            Self::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                front.arrival_started();
+                let remote = Remote::of(peer);
+                front.spawn(serve(stream, remote, Arc::clone(front), index));
+            }
+            Self::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                front.arrival_started();
+                let remote = Remote { addr: String::new(), port: String::new() };
+                front.spawn(serve(stream, remote, Arc::clone(front), index));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client's address, as `REMOTE_ADDR` and `REMOTE_PORT` give it (empty over a Unix socket).
+struct Remote {
+    addr: String,
+    port: String,
+}
+
+impl Remote {
+    fn of(peer: SocketAddr) -> Self {
+        Self { addr: peer.ip().to_canonical().to_string(), port: peer.port().to_string() }
+    }
+}
+
+/// Counts a request the I/O runtime is reading for the graceful stop ([`Front::arrival_started`]) until it
+/// is queued or given up.
+struct Arriving<'a>(Option<&'a Front>);
+
+impl Arriving<'_> {
+    fn done(&mut self) {
+        if let Some(front) = self.0.take() {
+            front.arrival_done();
+        }
+    }
+}
+
+impl Drop for Arriving<'_> {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+/// Why a request was answered by the gateway itself, and the connection closed.
+enum Refusal {
+    Http(HttpError),
+    Chunked(oxwsgi_proto::http::ChunkedError),
+    TooLarge {
+        length: u64,
+        limit: u64,
+    },
+    /// The packet nginx would send for it does not fit `--buffer-size` or the vars limit.
+    PacketTooLarge,
+    /// The head or a chunked body did not arrive in time.
+    Timeout,
+    Truncated,
+    Read(io::Error),
+}
+
+impl Refusal {
+    fn kind(&self) -> ProtocolErrorKind {
+        match self {
+            Self::Http(_) | Self::Chunked(_) | Self::PacketTooLarge => ProtocolErrorKind::BadRequest,
+            Self::TooLarge { .. } => ProtocolErrorKind::BodyTooLarge,
+            Self::Timeout => ProtocolErrorKind::Timeout,
+            Self::Truncated => ProtocolErrorKind::Truncated,
+            Self::Read(_) => ProtocolErrorKind::ReadError,
+        }
+    }
+
+    /// The status and reason phrase of the answer; `None` when nobody is there to read one.
+    fn status(&self) -> Option<(u16, &'static str)> {
+        match self {
+            Self::Http(err) => Some(match err.status() {
+                431 => (431, "Request Header Fields Too Large"),
+                501 => (501, "Not Implemented"),
+                _ => (400, "Bad Request"),
+            }),
+            Self::Chunked(_) => Some((400, "Bad Request")),
+            Self::PacketTooLarge => Some((431, "Request Header Fields Too Large")),
+            Self::TooLarge { .. } => Some((413, "Content Too Large")),
+            Self::Timeout => Some((408, "Request Timeout")),
+            Self::Truncated | Self::Read(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Http(err) => write!(f, "{err}"),
+            Self::Chunked(err) => write!(f, "bad chunked body: {err}"),
+            Self::TooLarge { length, limit } => write!(f, "a body of {length} bytes is over {limit}"),
+            Self::PacketTooLarge => {
+                f.write_str("the request's vars do not fit --buffer-size (or the vars limit)")
+            }
+            Self::Timeout => f.write_str("timed out waiting for the request"),
+            Self::Truncated => f.write_str("connection closed in the middle of a request"),
+            Self::Read(err) => write!(f, "read error: {err}"),
+        }
+    }
+}
+
+/// What the client's side of the connection is: its two halves, and the bytes read ahead.
+struct Client<R, W> {
+    reader: R,
+    writer: W,
+    buf: BytesMut,
+    wait: Duration,
+}
+
+/// Serves one HTTP connection: request after request while both sides keep it open.
+async fn serve<S>(stream: S, remote: Remote, front: Arc<Front>, index: usize)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let wait = front.config.socket_timeout;
+    let mut client = Client { reader, writer, buf: BytesMut::with_capacity(READ_AHEAD), wait };
+    let server_port = front.listener(index).info.server_port.clone();
+    let peer = Peer { remote_addr: &remote.addr, remote_port: &remote.port, server_port: &server_port };
+    // The accept counted the first request.
+    let mut arriving = Arriving(Some(&front));
+    loop {
+        let request = match read_head(&mut client, &peer, &front).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(refusal) => return refuse(&mut client, &front, &refusal).await,
+        };
+        let served = exchange(&mut client, &request, &front, index, &mut arriving).await;
+        match served {
+            Ok(true) if !front.is_stopping() => {
+                front.arrival_started();
+                arriving = Arriving(Some(&front));
+            }
+            Ok(_) => return,
+            Err(refusal) => return refuse(&mut client, &front, &refusal).await,
+        }
+    }
+}
+
+/// Logs and counts `refusal` (within the refusals' budget) and answers it, if anyone is there to read.
+async fn refuse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    client: &mut Client<R, W>,
+    front: &Front,
+    refusal: &Refusal,
+) {
+    front.refused(refusal.kind(), &format_args!("HTTP: {refusal}"));
+    if let Some((status, reason)) = refusal.status() {
+        // The reason is the server's own words (never the request's bytes): safe to show.
+        let body = format!("{reason}: {refusal}\n");
+        let answer = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = timeout(client.wait, client.writer.write_all(answer.as_bytes())).await;
+    }
+    let _ = timeout(client.wait, client.writer.shutdown()).await;
+    // Closing with unread bytes (a body still coming) would reset the connection, and the client could
+    // lose the answer: read and drop what keeps coming for a moment, as nginx's lingering close does.
+    let mut scratch = vec![0u8; LINGER_READ_SIZE];
+    let linger = async {
+        let mut dropped = 0;
+        while dropped < LINGER_BYTES {
+            match client.reader.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => dropped += read,
+            }
+        }
+    };
+    let _ = timeout(LINGER_TIME, linger).await;
+}
+
+/// Reads the next request head: `None` if the connection closed or stayed idle between requests (or the
+/// server is stopping), which ends it without a word.
+async fn read_head<R: AsyncRead + Unpin, W>(
+    client: &mut Client<R, W>,
+    peer: &Peer<'_>,
+    front: &Front,
+) -> Result<Option<Request>, Refusal> {
+    let mut deadline = Deadline::new(client.wait);
+    loop {
+        if !client.buf.is_empty() {
+            if let Some(request) = parse_request(&client.buf, peer).map_err(Refusal::Http)? {
+                client.buf.advance(request.head_len);
+                return Ok(Some(request));
+            }
+        }
+        client.buf.reserve(READ_AHEAD);
+        let idle = client.buf.is_empty();
+        let read = tokio::select! {
+            // Between requests the connection is idle: a graceful stop closes it at once.
+            () = front.stop_requested(), if idle => return Ok(None),
+            read = timeout(deadline.left(), client.reader.read_buf(&mut client.buf)) => read,
+        };
+        match read {
+            // Closed, or quiet for a whole timeout, between requests: the end of a kept-alive connection.
+            Ok(Ok(0)) | Err(_) if idle => return Ok(None),
+            Ok(Ok(0)) => return Err(Refusal::Truncated),
+            Ok(Ok(read)) => {
+                if idle {
+                    // The head's own time starts with its first byte, not with the idle wait before it.
+                    deadline = Deadline::new(client.wait);
+                }
+                deadline.received(read);
+            }
+            Ok(Err(err)) if idle => {
+                tracing::debug!("HTTP connection closed between requests: {err}");
+                return Ok(None);
+            }
+            Ok(Err(err)) => return Err(Refusal::Read(err)),
+            Err(_) => return Err(Refusal::Timeout),
+        }
+    }
+}
+
+/// One request: its body read (chunked) or forwarded as it comes (`Content-Length`), the serving threads
+/// given the packet, the response relayed. `Ok(true)` if the connection can carry another request.
+async fn exchange<R, W>(
+    client: &mut Client<R, W>,
+    request: &Request,
+    front: &Front,
+    index: usize,
+    arriving: &mut Arriving<'_>,
+) -> Result<bool, Refusal>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let accepted_at = Instant::now();
+    let limit = front.config.limit_post;
+    if request.expect_continue && needs_more_body(request, client.buf.len()) {
+        write(client, CONTINUE).await.map_err(Refusal::Read)?;
+    }
+    let (content_length, mut body) = match request.body {
+        RequestBody::None => (None, Vec::new()),
+        RequestBody::Length(length) => {
+            if let Some(limit) = limit.filter(|&limit| length > limit) {
+                return Err(Refusal::TooLarge { length, limit });
+            }
+            let ready = usize::try_from(length).unwrap_or(usize::MAX).min(client.buf.len());
+            (Some(length), client.buf.split_to(ready).to_vec())
+        }
+        RequestBody::Chunked => {
+            let limit = limit.map_or(CHUNKED_BODY_MAX, |limit| limit.min(CHUNKED_BODY_MAX));
+            let body = read_chunked(client, limit).await?;
+            (Some(body.len() as u64), body)
+        }
+    };
+    let mut packet = request.packet(content_length).map_err(|_| Refusal::PacketTooLarge)?;
+    let limits = &front.config.limits;
+    if packet.len() - HEADER_LEN > usize::from(limits.max_datasize)
+        || request.vars().count() + 1 > limits.max_vars
+    {
+        return Err(Refusal::PacketTooLarge);
+    }
+    // The packet and the start of the body go in before the request is queued, so the serving thread
+    // that takes it finds them there; a socket pair's buffer holds both.
+    let first = body.len().min(BODY_WITH_PACKET);
+    packet.extend_from_slice(&body[..first]);
+    body.drain(..first);
+    let aborted = Arc::new(AtomicBool::new(false));
+    let (served, gateway) = std::os::unix::net::UnixStream::pair().map_err(Refusal::Read)?;
+    let pair = (|| {
+        served.set_nonblocking(true)?;
+        gateway.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(gateway)
+    })();
+    let mut gateway = pair.map_err(Refusal::Read)?;
+    gateway.write_all(&packet).await.map_err(Refusal::Read)?;
+    drop(packet);
+    front.queue_connection(Arrival {
+        conn: Conn::bridged(Socket::from(std::os::fd::OwnedFd::from(served)), Arc::clone(&aborted)),
+        listener: index,
+        accepted_at,
+        in_flight: front.metrics.in_flight(),
+    });
+    arriving.done();
+
+    let (from_app, to_app) = gateway.split();
+    // What the client has still to send of a body of declared length (the rest came with the head).
+    let still_to_come = match request.body {
+        RequestBody::Length(length) => length - (first + body.len()) as u64,
+        RequestBody::None | RequestBody::Chunked => 0,
+    };
+    let wait = client.wait;
+    let forward = forward_body(to_app, body, &mut client.reader, still_to_come, wait);
+    let relay = relay_response(from_app, &mut client.writer, request, &aborted, wait, front.is_stopping());
+    let (forwarded, relayed) = tokio::join!(forward, relay);
+    Ok(relayed && forwarded)
+}
+
+/// Whether the body has not all arrived with the head (so a client that sent `Expect: 100-continue` waits
+/// for the answer before sending it).
+fn needs_more_body(request: &Request, buffered: usize) -> bool {
+    match request.body {
+        RequestBody::None => false,
+        RequestBody::Length(length) => length > buffered as u64,
+        RequestBody::Chunked => true,
+    }
+}
+
+/// Reads and decodes a whole chunked body of at most `limit` bytes.
+async fn read_chunked<R: AsyncRead + Unpin, W>(
+    client: &mut Client<R, W>,
+    limit: u64,
+) -> Result<Vec<u8>, Refusal> {
+    let mut decoder = ChunkedDecoder::default();
+    let mut body = Vec::new();
+    let mut deadline = Deadline::new(client.wait);
+    loop {
+        let used = decoder.decode(&client.buf, &mut body).map_err(Refusal::Chunked)?;
+        client.buf.advance(used);
+        if body.len() as u64 > limit {
+            return Err(Refusal::TooLarge { length: body.len() as u64, limit });
+        }
+        if decoder.is_done() {
+            return Ok(body);
+        }
+        client.buf.reserve(RELAY_READ_SIZE);
+        match timeout(deadline.left(), client.reader.read_buf(&mut client.buf)).await {
+            Ok(Ok(0)) => return Err(Refusal::Truncated),
+            Ok(Ok(read)) => deadline.received(read),
+            Ok(Err(err)) => return Err(Refusal::Read(err)),
+            Err(_) => return Err(Refusal::Timeout),
+        }
+    }
+}
+
+/// Writes the rest of the request body to the serving side: `ready` (read already), then `still_to_come`
+/// bytes from the client as they arrive. If the serving side stops reading (the app answered without the
+/// body and the drain gave up), the rest is read and dropped, so the connection stays framed. `false` if
+/// the client's body did not all arrive: the connection cannot carry another request.
+async fn forward_body<A, R>(
+    mut to_app: A,
+    ready: Vec<u8>,
+    client: &mut R,
+    still_to_come: u64,
+    wait: Duration,
+) -> bool
+where
+    A: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+{
+    let mut app_reads =
+        ready.is_empty() || timeout(wait, to_app.write_all(&ready)).await.is_ok_and(|w| w.is_ok());
+    drop(ready);
+    let mut left = still_to_come;
+    let mut scratch = vec![0u8; RELAY_READ_SIZE.min(usize::try_from(left).unwrap_or(usize::MAX))];
+    let mut dropped = 0;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(scratch.len());
+        let read = match timeout(wait, client.read(&mut scratch[..want])).await {
+            Ok(Ok(read)) if read > 0 => read,
+            // The client left or stalled mid-body: the serving side sees the body end early.
+            _ => {
+                let _ = to_app.shutdown().await;
+                return false;
+            }
+        };
+        left -= read as u64;
+        if app_reads {
+            app_reads = timeout(wait, to_app.write_all(&scratch[..read])).await.is_ok_and(|w| w.is_ok());
+        } else {
+            dropped += read as u64;
+            if dropped > MAX_DRAIN_BYTES {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// How the response body reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Exactly this many bytes (the app's `Content-Length`; 0 when the response has no body).
+    Length(u64),
+    /// No length known: chunked, for an HTTP/1.1 client.
+    Chunked,
+    /// No length known, HTTP/1.0: the body ends when the connection closes.
+    UntilClose,
+}
+
+/// Relays the serving side's response to the client, framed for a connection that may stay open. `true`
+/// if it was complete and the connection can carry another request.
+async fn relay_response<A, W>(
+    mut from_app: A,
+    client: &mut W,
+    request: &Request,
+    aborted: &AtomicBool,
+    wait: Duration,
+    stopping: bool,
+) -> bool
+where
+    A: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_AHEAD);
+    let head = loop {
+        match parse_response_head(&buf) {
+            Ok(Some(head)) => break head,
+            Ok(None) if buf.len() < RESPONSE_HEAD_MAX => {}
+            _ => {
+                warn!("HTTP: the response head could not be read back; closing the connection");
+                return false;
+            }
+        }
+        // The app's own time is bounded by harakiri, not here: wait as long as the serving side does.
+        buf.reserve(READ_AHEAD);
+        match from_app.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                // The serving side closed without a response: it refused the packet or its worker died.
+                let _ = write_all(client, BAD_GATEWAY, wait).await;
+                return false;
+            }
+            Ok(_) => {}
+        }
+    };
+    let framing = match head.content_length {
+        _ if !head.has_body(request.head_only) => Framing::Length(0),
+        Some(length) => Framing::Length(length),
+        None if request.http11 => Framing::Chunked,
+        None => Framing::UntilClose,
+    };
+    let keep_alive = request.keep_alive && framing != Framing::UntilClose && !stopping;
+    let mut extra = String::new();
+    if framing == Framing::Chunked {
+        extra.push_str("Transfer-Encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        extra.push_str("Connection: close\r\n");
+    } else if !request.http11 {
+        extra.push_str("Connection: keep-alive\r\n");
+    }
+    let head_bytes = with_headers(&buf[..head.head_len], extra.as_bytes());
+    buf.advance(head.head_len);
+    if write_all(client, &head_bytes, wait).await.is_err() {
+        return false;
+    }
+    let complete = match framing {
+        Framing::Length(length) => relay_length(&mut from_app, client, buf, length, wait).await,
+        Framing::Chunked | Framing::UntilClose => {
+            relay_until_end(&mut from_app, client, buf, framing == Framing::Chunked, wait).await
+                && !aborted.load(Ordering::Acquire)
+        }
+    };
+    if framing == Framing::Chunked && complete && write_all(client, LAST_CHUNK, wait).await.is_err() {
+        return false;
+    }
+    complete && keep_alive
+}
+
+const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nBad Gateway\n";
+
+/// Relays exactly `length` body bytes (`first` already read). `false` if the serving side ended early
+/// (the app failed mid-response) or the client went away.
+async fn relay_length<A, W>(
+    from_app: &mut A,
+    client: &mut W,
+    mut first: BytesMut,
+    length: u64,
+    wait: Duration,
+) -> bool
+where
+    A: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut left = length;
+    first.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+    if !first.is_empty() {
+        if write_all(client, &first, wait).await.is_err() {
+            return false;
+        }
+        left -= first.len() as u64;
+    }
+    let mut scratch = vec![0u8; RELAY_READ_SIZE.min(usize::try_from(left).unwrap_or(usize::MAX))];
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(scratch.len());
+        let read = match from_app.read(&mut scratch[..want]).await {
+            Ok(read) if read > 0 => read,
+            _ => return false,
+        };
+        if write_all(client, &scratch[..read], wait).await.is_err() {
+            return false;
+        }
+        left -= read as u64;
+    }
+    true
+}
+
+/// Relays the body until the serving side closes, chunk-encoded if `chunked`. `false` if the client went
+/// away.
+async fn relay_until_end<A, W>(
+    from_app: &mut A,
+    client: &mut W,
+    first: BytesMut,
+    chunked: bool,
+    wait: Duration,
+) -> bool
+where
+    A: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let send = |data: &[u8]| {
+        let mut out = Vec::with_capacity(data.len() + 12);
+        if chunked {
+            out.extend_from_slice(chunk_prefix(data.len()).as_bytes());
+        }
+        out.extend_from_slice(data);
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    };
+    if !first.is_empty() && write_all(client, &send(&first), wait).await.is_err() {
+        return false;
+    }
+    let mut scratch = vec![0u8; RELAY_READ_SIZE];
+    loop {
+        match from_app.read(&mut scratch).await {
+            Ok(0) => return true,
+            Ok(read) => {
+                if write_all(client, &send(&scratch[..read]), wait).await.is_err() {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn write<R, W: AsyncWrite + Unpin>(client: &mut Client<R, W>, bytes: &[u8]) -> io::Result<()> {
+    write_all(&mut client.writer, bytes, client.wait).await
+}
+
+/// Writes all of `bytes` to the client, each write within `wait`.
+async fn write_all<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8], wait: Duration) -> io::Result<()> {
+    timeout(wait, writer.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out writing the response"))?
+}
+
+/// The time a peer has left to send what it is sending: one `--socket-timeout`, renewed for every
+/// [`BYTES_PER_TIMEOUT`] that arrive.
+struct Deadline {
+    wait: Duration,
+    at: Instant,
+    since_renewal: usize,
+}
+
+impl Deadline {
+    fn new(wait: Duration) -> Self {
+        Self { wait, at: Instant::now() + wait, since_renewal: 0 }
+    }
+
+    fn left(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    fn received(&mut self, bytes: usize) {
+        self.since_renewal += bytes;
+        if self.since_renewal >= BYTES_PER_TIMEOUT {
+            self.since_renewal = 0;
+            self.at = Instant::now() + self.wait;
+        }
+    }
+}
