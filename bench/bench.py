@@ -21,8 +21,8 @@ import resource
 import sys
 from pathlib import Path
 
-from lib.procs import BenchError, command_output, run_entry_point, tail
-from lib.report import Plan, describe, render
+from lib.procs import run_entry_point
+from lib.report import Plan, describe, invalid_details, render
 from lib.results import RunResult
 from lib.scenarios import (
     KIND_DIRECT,
@@ -36,7 +36,7 @@ from lib.scenarios import (
     measure,
 )
 from lib.servers import DESIGNS, FLOOR, OXWSGI_REQUIRED_FLAGS, server_env
-from lib.tools import REPO, Tools, environment, find_tools, load_average
+from lib.tools import REPO, Tools, check_flags, environment, find_tools, load_average
 
 RESULTS = REPO / "bench" / "results" / "latest.md"
 DEFAULT_OXWSGI = REPO / "target" / "release" / "oxwsgi"
@@ -59,17 +59,6 @@ QUICK_WARMUP_SECONDS = 1
 # ones; both inherit this process's open-files limit, which is raised to this (within the hard limit).
 OPEN_FILES_WANTED = 8192
 OPEN_FILES_NEEDED = 2048
-# Files in a run's directory shown under an invalid run.
-RUN_LOGS = (
-    "failure.txt",
-    "wrk.out",
-    "load.json",
-    "load.log",
-    "client.log",
-    "strace.log",
-    "server.log",
-    "nginx/error.log",
-)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -145,14 +134,6 @@ def examples_needed(plan: Plan) -> list[str]:
     return needed
 
 
-def check_oxwsgi_flags(oxwsgi: Path) -> None:
-    """The comparison is only fair if this oxwsgi takes every option uWSGI is given."""
-    text = command_output([str(oxwsgi), "--help"])
-    missing = [flag for flag in OXWSGI_REQUIRED_FLAGS if flag not in text]
-    if missing:
-        raise BenchError(f"{oxwsgi} --help lacks {', '.join(missing)}: the two servers would not get the same options")
-
-
 def raise_open_files_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_WANTED)
@@ -160,11 +141,6 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     if max(soft, wanted) < OPEN_FILES_NEEDED:
         print(f"!!! open files limited to {max(soft, wanted)}: idle-1500 will run out of descriptors")
-
-
-def invalid_details(run_dir: Path) -> str:
-    """The load generator's output and the server's log tail, printed under an invalid run."""
-    return "\n".join(f"--- {name} ---\n{tail(run_dir / name)}" for name in RUN_LOGS if (run_dir / name).exists())
 
 
 def run_rounds(tools: Tools, settings: Settings, plan: Plan, workdir: Path) -> list[RunResult]:
@@ -192,7 +168,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     plan = make_plan(args)
     need_strace = any(s.kind == KIND_SYSCALLS for s in plan.scenarios)
     tools = find_tools(args.oxwsgi, args.examples_dir, examples_needed(plan), need_strace, workdir)
-    check_oxwsgi_flags(tools.oxwsgi)
+    # The comparison is only fair if this oxwsgi takes every option uWSGI is given.
+    check_flags(tools.oxwsgi, OXWSGI_REQUIRED_FLAGS, "the two servers would not get the same options")
     shapes_file = workdir / "file-8mib.bin"
     create_shapes_file(shapes_file)
     settings = Settings(args.duration, args.warmup, server_env(shapes_file))

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark's entry point: installs what is missing (wrk, nginx and strace from apt, pyuwsgi and Flask
-# from PyPI, the release build of oxwsgi only if there is none), builds the Rust examples the benchmark
-# drives (uwsgi_load and floor; with --designs the two design prototypes too: cargo rebuilds only what is
-# stale), then runs bench/bench.py with the arguments given (--quick, --rounds N, --duration SECS,
-# --scenarios a,b, --oxwsgi PATH, --examples-dir DIR, --designs). Safe to run again. See bench/README.md.
+# The benchmark's entry point: installs what is missing (wrk, nginx and strace from apt, pyuwsgi, Flask,
+# gunicorn and Granian from PyPI, the release build of oxwsgi only if there is none), builds the Rust
+# examples the benchmark drives (uwsgi_load and floor; with --designs the two design prototypes too: cargo
+# rebuilds only what is stale), then runs bench/bench.py with the arguments given (--quick, --rounds N,
+# --duration SECS, --scenarios a,b, --oxwsgi PATH, --examples-dir DIR, --designs). Safe to run again. See
+# bench/README.md. With --http-socket as the first argument it runs bench/http_socket.py instead, with the
+# arguments that follow (--quick, --rounds N, --duration SECS, --apps a,b, --servers a,b, --oxwsgi PATH):
+# oxwsgi's HTTP socket beside uWSGI, gunicorn and Granian. It needs no Rust example, so none is built.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +33,12 @@ PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-chec
 if [ -z "${OXWSGI_BIN:-}" ] && [ ! -x target/release/oxwsgi ]; then
     step "no target/release/oxwsgi: bash scripts/setup.sh"
     bash scripts/setup.sh
+fi
+
+if [ "${1:-}" = --http-socket ]; then
+    shift
+    # exec, as below: Ctrl-C and SIGTERM reach the script, which stops every server it started.
+    exec python3 -u bench/http_socket.py "$@"
 fi
 
 # The examples are the benchmark's own tools: built here, into target/ (where bench.py looks, whatever

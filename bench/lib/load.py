@@ -114,6 +114,8 @@ WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
 WRK_NON_2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 WRK_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 WRK_LATENCY = re.compile(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", re.M)
+# The mean latency, the first number of the `Latency` line of wrk's thread stats.
+WRK_MEAN_LATENCY = re.compile(r"^\s+Latency\s+([\d.]+)(us|ms|s|m)\b", re.M)
 WRK_READ = re.compile(r"requests in [\d.]+\w+, ([\d.]+)(B|KB|MB|GB|TB) read")
 SECONDS_PER_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 BYTES_PER_UNIT = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
@@ -126,12 +128,15 @@ def parse_wrk(output: str) -> LoadResult:
     non_2xx = WRK_NON_2XX.search(output)
     errors = WRK_SOCKET_ERRORS.search(output)
     read = WRK_READ.search(output)
+    latency_ms = {f"p{p}": float(v) * SECONDS_PER_UNIT[u] * 1e3 for p, v, u in WRK_LATENCY.findall(output)}
+    if mean := WRK_MEAN_LATENCY.search(output):
+        latency_ms["mean"] = float(mean[1]) * SECONDS_PER_UNIT[mean[2]] * 1e3
     return LoadResult(
         requests=int(total[1]),
         seconds=float(total[2]) * SECONDS_PER_UNIT[total[3]],
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
         errors=dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups()))) if errors else {},
-        latency_ms={f"p{p}": float(v) * SECONDS_PER_UNIT[u] * 1e3 for p, v, u in WRK_LATENCY.findall(output)},
+        latency_ms=latency_ms,
         bytes_received=int(float(read[1]) * BYTES_PER_UNIT[read[2]]) if read else 0,
     )
 

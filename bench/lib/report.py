@@ -7,13 +7,27 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
+from .procs import tail
 from .results import Metric, RunResult
 from .scenarios import KIND_SYSCALLS, MEMORY, MEMORY_METRICS, Scenario
 from .servers import FLOOR, OXWSGI, UWSGI, ServerConfig
 
 # The system calls listed per server in the syscalls scenario: the most frequent of each.
 TOP_SYSCALLS = 8
+# Files in a run's directory shown under an invalid run.
+RUN_LOGS = (
+    "failure.txt",
+    "wrk.out",
+    "wrk-warmup.out",
+    "load.json",
+    "load.log",
+    "client.log",
+    "strace.log",
+    "server.log",
+    "nginx/error.log",
+)
 
 
 @dataclass(frozen=True)
@@ -253,6 +267,11 @@ def describe(result: RunResult) -> str:
     return line
 
 
+def invalid_details(run_dir: Path) -> str:
+    """The load generator's output and the server's log tail, printed under an invalid run."""
+    return "\n".join(f"--- {name} ---\n{tail(run_dir / name)}" for name in RUN_LOGS if (run_dir / name).exists())
+
+
 # --- the whole report -----------------------------------------------------------------------------------
 
 
@@ -281,11 +300,19 @@ def render(env: list[tuple[str, str]], plan: Plan, runs: list[RunResult]) -> str
     memory = results.memory_scenario()
     if memory is not None:
         lines += memory_section(results, memory)
-    lines += [
+    lines += every_run_section(
+        runs,
+        "the server, nginx, the load generator, other processes and the hypervisor's steal",
+    )
+    return "\n".join(lines)
+
+
+def every_run_section(runs: list, who: str) -> list[str]:
+    """Every run in order with the cores `who` used in its window, then which runs were invalid."""
+    lines = [
         "### Every run, in order",
         "",
-        "Its metrics, then the cores used during its measured window by the server, nginx, the load "
-        "generator, other processes and the hypervisor's steal:",
+        f"Its metrics, then the cores used during its measured window by {who}:",
         "",
         "```",
         *(describe(r) for r in runs),
@@ -299,4 +326,4 @@ def render(env: list[tuple[str, str]], plan: Plan, runs: list[RunResult]) -> str
     else:
         lines.append(f"All {len(runs)} runs were valid.")
     lines.append("")
-    return "\n".join(lines)
+    return lines

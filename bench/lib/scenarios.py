@@ -8,8 +8,8 @@ window (`KIND_*` below) and what else is read around it (memory, peak RSS, syste
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,13 +268,24 @@ class Run:
     dir: Path
 
 
+# What starts a run's processes and yields them once they answer (`servers.stack`, or another server
+# family's: bench/http_socket.py): tools, configuration, serving, the run's directory, the environment.
+StackStarter = Callable[[Tools, ServerConfig, Serving, Path, dict[str, str]], AbstractContextManager[Stack]]
+
+
 def measure(
-    tools: Tools, settings: Settings, scenario: Scenario, config: ServerConfig, round_no: int, run_dir: Path
+    tools: Tools,
+    settings: Settings,
+    scenario: Scenario,
+    config: ServerConfig,
+    round_no: int,
+    run_dir: Path,
+    start: StackStarter = stack,
 ) -> RunResult:
     """One run on fresh processes. A load generator or strace that fails makes the run invalid (its error
-    goes to failure.txt); a server that does not start stops the benchmark (BenchError from `stack`)."""
+    goes to failure.txt); a server that does not start stops the benchmark (BenchError from `start`)."""
     result = RunResult(scenario, config, round_no)
-    with stack(tools, config, scenario.serving, run_dir, settings.env) as s:
+    with start(tools, config, scenario.serving, run_dir, settings.env) as s:
         try:
             MEASURES[scenario.kind](Run(tools, settings, scenario, s, result, run_dir))
         except BenchError as err:
@@ -317,6 +328,7 @@ def measure_wrk(run: Run) -> None:
 def direct(run: Run, name: str, duration: int | None = None, requests: int | None = None, idle: int = 0) -> LoadResult:
     """uwsgi_load straight to the server's socket with the scenario's request and connections; its output
     goes to NAME.json and NAME.log in the run's directory."""
+    assert run.stack.sock is not None
     load = DirectLoad(run.scenario.path, run.scenario.connections, duration, requests, idle)
     return run_uwsgi_load(run.tools, run.stack.sock, load, run.dir / name)
 

@@ -109,11 +109,16 @@ def server_argv(tools: Tools, config: ServerConfig, serving: Serving, sock: Path
     return [str(tools.require(config.binary)), "--socket", str(sock), "--wsgi-file", str(serving.app), *shape]
 
 
+# Environment variables that configure one of the servers (gunicorn reads extra arguments from
+# GUNICORN_CMD_ARGS, Granian every option from GRANIAN_*): none reaches a server from the caller.
+SERVER_ENV_PREFIXES = ("OXWSGI_", "UWSGI_", "GRANIAN_", "GUNICORN_CMD_ARGS")
+
+
 def server_env(shapes_file: Path) -> dict[str, str]:
-    """The environment of every server: none of the caller's OXWSGI_*/UWSGI_* settings (they would change
+    """The environment of every server: none of the caller's settings of a server (they would change
     one server's configuration), no __pycache__ written into the app directories, and the path of the
     file bench/apps/shapes.py serves."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OXWSGI_", "UWSGI_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIXES)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env[SHAPES_FILE_ENV] = str(shapes_file)
     return env
@@ -207,8 +212,9 @@ class Stack:
 
     server: Child
     nginx: Child | None
-    sock: Path
-    # http://127.0.0.1:PORT when through nginx.
+    # The server's Unix socket (None for a server that speaks HTTP itself: bench/http_socket.py).
+    sock: Path | None
+    # http://127.0.0.1:PORT when through nginx, or of the server's own HTTP socket.
     base_url: str | None
 
 

@@ -68,6 +68,21 @@ def is_placeholder(binary: Path) -> bool:
     return done.returncode == 0 and not (done.stdout + done.stderr).strip()
 
 
+def console_script(name: str) -> Path:
+    """Where pip put the console script `name` of a package installed into this interpreter (pyuwsgi's
+    `uwsgi`, `gunicorn`, `granian`): next to this interpreter's other scripts, whatever is first on PATH."""
+    return Path(sysconfig.get_path("scripts")) / name
+
+
+def check_flags(binary: Path, flags: tuple[str, ...], why: str) -> None:
+    """Stops the benchmark if `binary --help` lacks one of `flags` (an older build); `why` says what the
+    comparison would lose."""
+    text = command_output([str(binary), "--help"])
+    missing = [flag for flag in flags if flag not in text]
+    if missing:
+        raise BenchError(f"{binary} --help lacks {', '.join(missing)}: {why}")
+
+
 def find_tools(oxwsgi: Path, examples_dir: Path, examples: list[str], need_strace: bool, workdir: Path) -> Tools:
     """Every binary, checked and snapshotted before anything starts."""
     original = require_executable(oxwsgi, "the oxwsgi binary", "build it with `bash scripts/setup.sh`")
@@ -84,8 +99,7 @@ def find_tools(oxwsgi: Path, examples_dir: Path, examples: list[str], need_strac
             raise BenchError(f"{path} is still a placeholder (it does nothing); build the real {EXAMPLE_SOURCES[name]}")
         found[name] = workdir / name
         shutil.copy2(path, found[name])
-    # pyuwsgi installs its `uwsgi` console script next to this interpreter's other scripts.
-    uwsgi = Path(sysconfig.get_path("scripts")) / "uwsgi"
+    uwsgi = console_script("uwsgi")
     strace = None
     if need_strace:
         strace = require_executable(shutil.which("strace"), "strace", SETUP_HINT)
