@@ -268,6 +268,27 @@ fn request_bodies_by_length_chunked_and_after_100_continue() {
     client.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
     assert_eq!(client.response(false).unwrap().body, b"abc", "the same connection goes on");
 
+    // An app that reads only after the socket timeout: the gateway waits for it, as nginx's buffering would.
+    let slow = Server::builder().args(&["--socket-timeout", "1"]);
+    let http_slow = format!("127.0.0.1:{}", free_port());
+    let slow = slow.args(&["--http-socket", &http_slow]).start();
+    wait_accepting(&http_slow);
+    let mut slow_client = Client::tcp(&http_slow);
+    let chunks: Vec<u8> = (0..16)
+        .flat_map(|_| {
+            let mut chunk = b"10000\r\n".to_vec();
+            chunk.extend(std::iter::repeat_n(b'z', 0x10000));
+            chunk.extend_from_slice(b"\r\n");
+            chunk
+        })
+        .collect();
+    slow_client
+        .send(b"POST /sleep-then-read?ms=2500 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+    slow_client.send(&chunks);
+    slow_client.send(b"0\r\n\r\n");
+    assert_eq!(slow_client.response(false).unwrap().report().0["length"], (16 * 0x10000).to_string());
+    drop(slow);
+
     // The app ignores a body: the connection stays framed all the same.
     client.send(b"POST /ignore-body HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n");
     client.send(&vec![b'x'; 100_000]);
@@ -312,15 +333,31 @@ fn responses_are_framed_for_a_connection_that_stays_open() {
     assert_eq!(cut.status, 200);
     assert!(!cut.chunked, "an aborted response must not look complete");
     server.wait_log("big-stream-failure");
+    // The same after a body that came after its head (so the request waited for it in the I/O runtime).
+    let mut aborted = Client::tcp(&http);
+    aborted.send(b"POST /big-stream-then-raise HTTP/1.1\r\nHost: h\r\nContent-Length: 10000\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(50));
+    aborted.send(&[b'b'; 10000]);
+    let cut = aborted.response(false).unwrap();
+    assert!(
+        cut.status == 200 && !cut.chunked,
+        "an aborted response after a late body must not look complete"
+    );
 }
 
 #[test]
 fn what_cannot_be_served_gets_a_clear_status_and_the_server_goes_on() {
     let (server, http) = start(&["--limit-post", "1000", "--socket-timeout", "1"]);
-    let cases: [(&[u8], u16, &str); 7] = [
+    let cases: [(&[u8], u16, &str); 9] = [
         (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
         (b"GET /../etc HTTP/1.1\r\nHost: h\r\n\r\n", 400, "above the root"),
         (b"GET / HTTP/1.1\r\n\r\n", 400, "without a Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "more than one Host"),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
+            413,
+            "over 1000",
+        ),
         (
             b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             400,
@@ -393,12 +430,26 @@ fn workers_under_a_master_serve_a_unix_http_socket_and_stop_gracefully() {
     }
     // The uwsgi socket still speaks uwsgi next to it.
     assert_eq!(server.get("/environ").status_line, "HTTP/1.1 200 OK");
-    // An idle kept-alive connection does not hold the graceful stop: it is closed, and the server exits.
+    // At the graceful stop, a request the app is running is answered (and its connection closed after it),
+    // and an idle kept-alive connection is closed at once; then the server exits.
     let mut idle = Client::unix(&http);
     idle.send(&get("/environ"));
     assert_eq!(idle.response(false).unwrap().status, 200);
+    let mut busy = Client::unix(&http);
+    busy.send(&get("/sleep?ms=3000"));
+    for _ in 0..POLL_TRIES {
+        let mut probe = Client::unix(&http);
+        probe.send(&get("/peak"));
+        if probe.response(false).unwrap().report().0["active"] == "1" {
+            break;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
     server.signal("TERM");
     assert!(idle.closed(), "the idle connection is closed at the stop");
+    let last = busy.response(false).expect("the running request is answered");
+    assert_eq!((last.status, last.header("connection")), (200, Some("close")));
+    assert!(busy.closed());
     assert!(server.wait_exit(POLL_TRIES).success());
     assert!(!http.exists(), "the HTTP socket file is removed too");
 }

@@ -71,6 +71,8 @@ pub enum HttpError {
     BadTarget(&'static str),
     /// HTTP/1.1 without `Host` (RFC 9112 §3.2).
     NoHost,
+    /// More than one `Host` (RFC 9112 §3.2: the server must refuse it).
+    ManyHosts,
     /// A `Content-Length` that is not a plain decimal, or two that differ.
     BadContentLength,
     /// Both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1: the classic request smuggling).
@@ -99,6 +101,7 @@ impl fmt::Display for HttpError {
             }
             Self::BadTarget(why) => write!(f, "bad request target: {why}"),
             Self::NoHost => f.write_str("HTTP/1.1 request without a Host header"),
+            Self::ManyHosts => f.write_str("more than one Host header"),
             Self::BadContentLength => f.write_str("invalid or conflicting Content-Length"),
             Self::LengthAndChunked => f.write_str("both Content-Length and Transfer-Encoding"),
             Self::UnsupportedTransferEncoding => {
@@ -131,7 +134,7 @@ pub fn parse_request(buf: &[u8], peer: &Peer<'_>) -> Result<Option<Request>, Htt
         unreachable!("a complete parse has a method, a target and a version");
     };
     let http11 = minor >= 1;
-    let (path, query) = split_target(target)?;
+    let (origin, path, query) = split_target(target)?;
     let path_info = normalize_path(path)?;
 
     let mut content_length = None;
@@ -140,7 +143,9 @@ pub fn parse_request(buf: &[u8], peer: &Peer<'_>) -> Result<Option<Request>, Htt
     let mut vars: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(16 + request.headers.len());
     let push = |vars: &mut Vec<_>, key: &[u8], value: &[u8]| vars.push((key.to_vec(), value.to_vec()));
     push(&mut vars, b"REQUEST_METHOD", method.as_bytes());
-    push(&mut vars, b"REQUEST_URI", target.as_bytes());
+    // As nginx's `$request_uri`: the path and query, without the scheme and host of an absolute form.
+    let request_uri = if origin.starts_with('/') { origin.to_owned() } else { format!("/{origin}") };
+    push(&mut vars, b"REQUEST_URI", request_uri.as_bytes());
     push(&mut vars, b"PATH_INFO", &path_info);
     push(&mut vars, b"QUERY_STRING", query.as_bytes());
     push(&mut vars, b"SERVER_PROTOCOL", if http11 { b"HTTP/1.1" } else { b"HTTP/1.0" });
@@ -168,7 +173,9 @@ pub fn parse_request(buf: &[u8], peer: &Peer<'_>) -> Result<Option<Request>, Htt
             }
             transfer_encoding = Some(value);
         } else if name.eq_ignore_ascii_case("host") {
-            has_host = true;
+            if std::mem::replace(&mut has_host, true) {
+                return Err(HttpError::ManyHosts);
+            }
         } else if name.eq_ignore_ascii_case("connection") {
             for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 close |= token.eq_ignore_ascii_case(b"close");
@@ -236,10 +243,10 @@ fn error_text(err: httparse::Error) -> &'static str {
     }
 }
 
-/// `(path, query)` of an origin-form target (`/p?q`) or an absolute-form one (`http://host/p?q`, which
+/// `(origin form, path, query)` of an origin-form target (`/p?q`) or an absolute-form one (`http://host/p?q`, which
 /// clients send to proxies); anything else (`*`, an authority) has no path for an app.
-fn split_target(target: &str) -> Result<(&str, &str), HttpError> {
-    let target = if target.starts_with('/') {
+fn split_target(target: &str) -> Result<(&str, &str, &str), HttpError> {
+    let origin = if target.starts_with('/') {
         target
     } else {
         let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
@@ -250,11 +257,11 @@ fn split_target(target: &str) -> Result<(&str, &str), HttpError> {
         } else {
             return Err(HttpError::BadTarget("expected /path or http://host/path"));
         };
-        rest.find(['/', '?']).map_or("/", |at| &rest[at..])
+        rest.find(['/', '?']).map_or("", |at| &rest[at..])
     };
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = origin.split_once('?').unwrap_or((origin, ""));
     // `http://host?q` has an empty path: it means the root.
-    Ok((if path.is_empty() { "/" } else { path }, query))
+    Ok((origin, if path.is_empty() { "/" } else { path }, query))
 }
 
 /// `PATH_INFO` as nginx's `$document_uri` gives it: percent-decoded, `.` and `..` segments resolved,
@@ -321,6 +328,8 @@ pub enum ChunkedError {
     LineTooLong,
     /// A line not ended by CRLF, or chunk data not followed by one.
     BadLineEnd,
+    /// A bare LF or another control byte in a chunk extension or a trailer.
+    ControlCharacter,
 }
 
 impl fmt::Display for ChunkedError {
@@ -329,6 +338,7 @@ impl fmt::Display for ChunkedError {
             Self::BadSize => "invalid chunk size",
             Self::LineTooLong => "chunk line or trailers too long",
             Self::BadLineEnd => "chunk not ended by CRLF",
+            Self::ControlCharacter => "a control character in a chunk extension or trailer",
         })
     }
 }
@@ -338,11 +348,11 @@ impl std::error::Error for ChunkedError {}
 /// Where a [`ChunkedDecoder`] is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    /// Reading a chunk-size line: the size so far, whether extensions started, the line's length.
+    /// Reading a chunk-size line: the size so far, which part of the line, the line's length.
     Size {
         size: u64,
         digits: usize,
-        extension: bool,
+        part: SizeLine,
         line: usize,
     },
     /// The size line's CR was seen.
@@ -366,6 +376,22 @@ enum Chunk {
     Done,
 }
 
+/// The parts of a chunk-size line: `1*HEXDIG *(SP / HTAB) [";" extension]` (RFC 9112 §7.1.1's BWS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SizeLine {
+    Digits,
+    /// Spaces after the size: only more of them, `;` or the line's end may follow (`5 6` is no size).
+    Space,
+    Extension,
+}
+
+/// Bytes a chunk extension or a trailer line may hold: visible characters, space, tab and obs-text. A bare
+/// LF or another control byte is refused: a proxy in front that took it for a line end would see other
+/// requests in the body than this server does (request smuggling).
+fn allowed_in_line(byte: u8) -> bool {
+    byte == b'\t' || (byte >= 0x20 && byte != 0x7f)
+}
+
 /// Decodes a `Transfer-Encoding: chunked` body fed in pieces of any size (strict: CRLF line ends, no
 /// chunk size past `u64`). Trailers are read and dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,7 +401,7 @@ pub struct ChunkedDecoder {
 
 impl Default for ChunkedDecoder {
     fn default() -> Self {
-        Self { state: Chunk::Size { size: 0, digits: 0, extension: false, line: 0 } }
+        Self { state: Chunk::Size { size: 0, digits: 0, part: SizeLine::Digits, line: 0 } }
     }
 }
 
@@ -392,24 +418,32 @@ impl ChunkedDecoder {
         while at < input.len() {
             let byte = input[at];
             self.state = match self.state {
-                Chunk::Size { size, digits, extension, line } => {
+                Chunk::Size { size, digits, part, line } => {
                     if line >= MAX_CHUNK_LINE {
                         return Err(ChunkedError::LineTooLong);
                     }
-                    match (byte, extension) {
-                        (b'\r', _) if digits > 0 => Chunk::SizeLf { size },
-                        (_, true) => Chunk::Size { size, digits, extension, line: line + 1 },
-                        (b';' | b' ' | b'\t', false) if digits > 0 => {
-                            Chunk::Size { size, digits, extension: true, line: line + 1 }
+                    let line = line + 1;
+                    match (part, byte) {
+                        (_, b'\r') if digits > 0 => Chunk::SizeLf { size },
+                        (SizeLine::Extension, _) if allowed_in_line(byte) => {
+                            Chunk::Size { size, digits, part, line }
                         }
-                        _ => {
+                        (SizeLine::Extension, _) => return Err(ChunkedError::ControlCharacter),
+                        (SizeLine::Digits | SizeLine::Space, b';') if digits > 0 => {
+                            Chunk::Size { size, digits, part: SizeLine::Extension, line }
+                        }
+                        (SizeLine::Digits | SizeLine::Space, b' ' | b'\t') if digits > 0 => {
+                            Chunk::Size { size, digits, part: SizeLine::Space, line }
+                        }
+                        (SizeLine::Digits, _) => {
                             let digit = char::from(byte).to_digit(16).ok_or(ChunkedError::BadSize)?;
                             let size = size
                                 .checked_mul(16)
                                 .and_then(|s| s.checked_add(u64::from(digit)))
                                 .ok_or(ChunkedError::BadSize)?;
-                            Chunk::Size { size, digits: digits + 1, extension, line: line + 1 }
+                            Chunk::Size { size, digits: digits + 1, part, line }
                         }
+                        (SizeLine::Space, _) => return Err(ChunkedError::BadSize),
                     }
                 }
                 Chunk::SizeLf { size } => match byte {
@@ -428,7 +462,7 @@ impl ChunkedDecoder {
                 }
                 Chunk::DataCr if byte == b'\r' => Chunk::DataLf,
                 Chunk::DataLf if byte == b'\n' => {
-                    Chunk::Size { size: 0, digits: 0, extension: false, line: 0 }
+                    Chunk::Size { size: 0, digits: 0, part: SizeLine::Digits, line: 0 }
                 }
                 Chunk::DataCr | Chunk::DataLf => return Err(ChunkedError::BadLineEnd),
                 Chunk::Trailer { line, total } => {
@@ -437,8 +471,10 @@ impl ChunkedDecoder {
                     }
                     if byte == b'\r' {
                         Chunk::TrailerLf { line, total }
-                    } else {
+                    } else if allowed_in_line(byte) {
                         Chunk::Trailer { line: line + 1, total: total + 1 }
+                    } else {
+                        return Err(ChunkedError::ControlCharacter);
                     }
                 }
                 Chunk::TrailerLf { line, total } => match byte {
@@ -639,8 +675,14 @@ mod tests {
         assert_eq!(path("/caf%C3%A9").unwrap().as_bytes(), "/café".as_bytes());
         let request = parse("GET http://Example.com?q=1 HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap();
         assert_eq!((var(&request, "PATH_INFO"), var(&request, "QUERY_STRING")), (Some("/"), Some("q=1")));
+        assert_eq!(
+            var(&request, "REQUEST_URI"),
+            Some("/?q=1"),
+            "as nginx's $request_uri: no scheme, no host"
+        );
+        assert_eq!(parse("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), Err(HttpError::ManyHosts));
         let request = parse("GET HTTP://h/x/y HTTP/1.1\r\nHost: h\r\n\r\n").unwrap().unwrap();
-        assert_eq!(var(&request, "PATH_INFO"), Some("/x/y"));
+        assert_eq!((var(&request, "PATH_INFO"), var(&request, "REQUEST_URI")), (Some("/x/y"), Some("/x/y")));
         assert!(matches!(parse("OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n"), Err(HttpError::BadTarget(_))));
         assert!(matches!(parse("GET ftp://h/ HTTP/1.1\r\nHost: h\r\n\r\n"), Err(HttpError::BadTarget(_))));
         assert!(matches!(parse("GET / HTTP/2.0\r\n\r\n"), Err(HttpError::Malformed(_))));
@@ -686,6 +728,13 @@ mod tests {
         assert_eq!(decode_all(b"5\r\nhelloX", 64).unwrap_err(), ChunkedError::BadLineEnd);
         let long = format!("5;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
         assert_eq!(decode_all(long.as_bytes(), 64).unwrap_err(), ChunkedError::LineTooLong);
+        assert_eq!(decode_all(b"5 6\r\n", 64).unwrap_err(), ChunkedError::BadSize, "two sizes");
+        assert_eq!(decode_all(b"5 ;e\r\nhello\r\n0\r\n\r\n", 64).unwrap().0, b"hello", "space before ;");
+        for smuggled in
+            [&b"0;e\n\r\n\r\n"[..], b"0;e\0\r\n\r\n", b"0\r\nX: y\nGET /x\r\n\r\n", b"0\r\nX: \x7f\r\n\r\n"]
+        {
+            assert_eq!(decode_all(smuggled, 64).unwrap_err(), ChunkedError::ControlCharacter, "{smuggled:?}");
+        }
         let trailers = format!("0\r\n{}", "X: y\r\n".repeat(MAX_TRAILERS / 4));
         assert_eq!(decode_all(trailers.as_bytes(), 64).unwrap_err(), ChunkedError::LineTooLong);
     }

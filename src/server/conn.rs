@@ -101,6 +101,13 @@ impl Conn {
         Self { aborted: Some(aborted), ..Self::new(socket, Kind::Unix) }
     }
 
+    /// The same connection with `aborted` as its abort flag (one taken back from the I/O runtime, whose
+    /// stream types cannot carry it).
+    #[must_use]
+    pub(super) fn with_abort_flag(self, aborted: Option<Arc<AtomicBool>>) -> Self {
+        Self { aborted, ..self }
+    }
+
     /// The flag [`Conn::abort`] sets, for whoever writes the response from the I/O runtime.
     pub(super) fn abort_flag(&self) -> Option<Arc<AtomicBool>> {
         self.aborted.clone()

@@ -152,6 +152,8 @@ pub struct Front {
     accepting: AtomicUsize,
     /// Connections in the I/O runtime that may yet come back as requests.
     arrivals: AtomicUsize,
+    /// Connections in the queue that no serving thread has started yet.
+    queued_connections: AtomicUsize,
     /// Any of the three counts above went down.
     changed: Notify,
     pub(super) accept_errors: AcceptErrors,
@@ -204,6 +206,7 @@ impl Front {
             serving: AtomicUsize::new(0),
             accepting: AtomicUsize::new(0),
             arrivals: AtomicUsize::new(0),
+            queued_connections: AtomicUsize::new(0),
             changed: Notify::new(),
             accept_errors: AcceptErrors::new(),
             refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
@@ -265,13 +268,26 @@ impl Front {
     /// A connection whose request the I/O runtime reads, which the graceful stop must wait for (see
     /// [`Front::arrival_done`]). Also counted for `--max-requests`.
     pub(super) fn arrival_started(&self) {
-        self.count_accept();
         self.arrivals.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// A connection the I/O runtime accepted and read, for the first free serving thread.
+    /// A request the I/O runtime accepted on its own (`--http-socket`): counted for `--max-requests`.
+    pub(super) fn request_started(&self) {
+        self.count_accept();
+    }
+
+    /// A connection accepted and not yet read, for the first free serving thread. Counted until a thread
+    /// has started it (and maybe handed it to the I/O runtime, which counts it again): the graceful stop
+    /// must not close the queue under it.
     pub(super) fn queue_connection(&self, arrival: Arrival) {
+        self.queued_connections.fetch_add(1, Ordering::AcqRel);
         self.queue.push(Queued::Accepted(arrival));
+    }
+
+    /// A serving thread has started a queued connection ([`Front::queue_connection`]).
+    fn queued_connection_started(&self) {
+        self.queued_connections.fetch_sub(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 
     /// A serving thread's handle: its epoll set over every listener and the queue.
@@ -402,7 +418,9 @@ impl Front {
     /// serving threads left their loops, and every response the runtime writes is written.
     pub async fn drained(&self) {
         self.wait_until(|| {
-            self.accepting.load(Ordering::Acquire) == 0 && self.arrivals.load(Ordering::Acquire) == 0
+            self.accepting.load(Ordering::Acquire) == 0
+                && self.arrivals.load(Ordering::Acquire) == 0
+                && self.queued_connections.load(Ordering::Acquire) == 0
         })
         .await;
         self.queue.close();
@@ -508,7 +526,9 @@ impl Acceptor {
                     return Some(job);
                 }
                 Some(Queued::Accepted(arrival)) => {
-                    if let Some(request) = self.start(arrival) {
+                    let started = self.start(arrival);
+                    self.front.queued_connection_started();
+                    if let Some(request) = started {
                         return Some(Job::Request(request));
                     }
                     continue;
@@ -556,7 +576,7 @@ impl Acceptor {
                         let next = self.accept(index);
                         self.load.accept_ahead = matches!(next, Accept::Connection(_));
                         if let Accept::Connection(next) = next {
-                            self.front.queue.push(Queued::Accepted(next));
+                            self.front.queue_connection(next);
                         }
                     }
                     if let Some(request) = self.start(arrival) {
@@ -618,7 +638,7 @@ impl Acceptor {
             // The kernel woke this thread alone for a new connection, but it has other work first: the
             // connection goes to the queue, which wakes an idle thread for it.
             if let Accept::Connection(arrival) = self.accept(index) {
-                self.front.queue.push(Queued::Accepted(arrival));
+                self.front.queue_connection(arrival);
             }
             return None;
         }
@@ -672,7 +692,7 @@ impl Acceptor {
             self.front.hand_over(parked.arrival, &[]);
         }
         for arrival in self.unparked.drain(..) {
-            self.front.queue.push(Queued::Accepted(arrival));
+            self.front.queue_connection(arrival);
         }
     }
 

@@ -25,11 +25,13 @@ use oxwsgi_proto::HEADER_LEN;
 use socket2::Socket;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tracing::warn;
 
 use super::conn::{Conn, Kind};
 use super::front::{Arrival, Front};
+use super::log_budget::{left_out, LogBudget};
 use super::responder::MAX_DRAIN_BYTES;
 use crate::metrics::model::ProtocolErrorKind;
 
@@ -50,6 +52,12 @@ const RELAY_READ_SIZE: usize = 64 * 1024;
 /// Request body bytes written into the socket pair before the request is queued, with the packet: one
 /// read by the serving thread then takes the packet and a small body together.
 const BODY_WITH_PACKET: usize = 64 * 1024;
+/// Connections one worker serves on one HTTP listener at once; more are answered 503 at once. Each holds a
+/// task, three descriptors and up to [`CHUNKED_BODY_MAX`] of body: the bound keeps a flood of clients
+/// from taking the descriptors and memory the uwsgi socket needs.
+const MAX_CONNECTIONS: usize = 1024;
+/// "Over the connection limit" lines logged per second, at most.
+const BUSY_LOGGED_PER_SECOND: u64 = 1;
 /// First pause after `accept()` fails, and the longest.
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -62,6 +70,7 @@ const LINGER_BYTES: usize = 1024 * 1024;
 const LINGER_READ_SIZE: usize = 16 * 1024;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nConnection: close\r\n\r\nService Unavailable\n";
 
 /// Accepts on HTTP listener `index` until the graceful stop, each connection served by a task of its own.
 pub(super) async fn accept(front: Arc<Front>, index: usize) {
@@ -72,10 +81,16 @@ pub(super) async fn accept(front: Arc<Front>, index: usize) {
         }
     };
     let mut backoff = MIN_ACCEPT_BACKOFF;
+    let limit = Limit {
+        permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        busy: LogBudget::new(BUSY_LOGGED_PER_SECOND),
+    };
     loop {
         let accepted = tokio::select! {
+            // Checked first: once the stop begins, nothing more is accepted.
+            biased;
             () = front.stop_requested() => return,
-            accepted = listener.accept(&front, index) => accepted,
+            accepted = listener.accept(&front, index, &limit) => accepted,
         };
         match accepted {
             Ok(()) => backoff = MIN_ACCEPT_BACKOFF,
@@ -102,25 +117,50 @@ impl Listener {
         })
     }
 
-    /// Accepts one connection and starts serving it.
-    async fn accept(&self, front: &Arc<Front>, index: usize) -> io::Result<()> {
-        // Counted from the accept: a graceful stop waits for the request it brings, or for it to leave.
+    /// Accepts one connection and starts serving it, or answers 503 past [`MAX_CONNECTIONS`].
+    async fn accept(&self, front: &Arc<Front>, index: usize, limit: &Limit) -> io::Result<()> {
         match self {
             Self::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
-                front.arrival_started();
-                let remote = Remote::of(peer);
-                front.spawn(serve(stream, remote, Arc::clone(front), index));
+                start(stream, Remote::of(peer), front, index, limit);
             }
             Self::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
-                front.arrival_started();
-                let remote = Remote { addr: String::new(), port: String::new() };
-                front.spawn(serve(stream, remote, Arc::clone(front), index));
+                start(stream, Remote { addr: String::new(), port: String::new() }, front, index, limit);
             }
         }
         Ok(())
     }
+}
+
+/// How many connections one listener serves at once, and the log budget for those turned away.
+struct Limit {
+    permits: Arc<Semaphore>,
+    busy: LogBudget,
+}
+
+fn start<S>(stream: S, remote: Remote, front: &Arc<Front>, index: usize, limit: &Limit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(permit) = Arc::clone(&limit.permits).try_acquire_owned() else {
+        if let Some(unlogged) = limit.busy.admit() {
+            warn!(
+                "HTTP: {MAX_CONNECTIONS} connections already open on {}: answered 503{}",
+                front.listener(index).spec,
+                left_out(unlogged, "more")
+            );
+        }
+        let wait = front.config.socket_timeout;
+        front.spawn(async move {
+            let mut stream = stream;
+            let _ = write_all(&mut stream, BUSY, wait).await;
+        });
+        return;
+    };
+    // Counted from the accept: a graceful stop waits for the request it brings, or for it to leave.
+    front.arrival_started();
+    front.spawn(serve(stream, remote, Arc::clone(front), index, permit));
 }
 
 /// The client's address, as `REMOTE_ADDR` and `REMOTE_PORT` give it (empty over a Unix socket).
@@ -165,6 +205,8 @@ enum Refusal {
     PacketTooLarge,
     /// The head or a chunked body did not arrive in time.
     Timeout,
+    /// The socket pair to the serving threads could not be made or filled (descriptors or buffers short).
+    Unavailable(io::Error),
     Truncated,
     Read(io::Error),
 }
@@ -176,7 +218,8 @@ impl Refusal {
             Self::TooLarge { .. } => ProtocolErrorKind::BodyTooLarge,
             Self::Timeout => ProtocolErrorKind::Timeout,
             Self::Truncated => ProtocolErrorKind::Truncated,
-            Self::Read(_) => ProtocolErrorKind::ReadError,
+            // Neither is the client's fault, but both are I/O that failed before the app.
+            Self::Read(_) | Self::Unavailable(_) => ProtocolErrorKind::ReadError,
         }
     }
 
@@ -192,6 +235,7 @@ impl Refusal {
             Self::PacketTooLarge => Some((431, "Request Header Fields Too Large")),
             Self::TooLarge { .. } => Some((413, "Content Too Large")),
             Self::Timeout => Some((408, "Request Timeout")),
+            Self::Unavailable(_) => Some((503, "Service Unavailable")),
             Self::Truncated | Self::Read(_) => None,
         }
     }
@@ -207,6 +251,7 @@ impl fmt::Display for Refusal {
                 f.write_str("the request's vars do not fit --buffer-size (or the vars limit)")
             }
             Self::Timeout => f.write_str("timed out waiting for the request"),
+            Self::Unavailable(err) => write!(f, "cannot hand the request to the serving threads: {err}"),
             Self::Truncated => f.write_str("connection closed in the middle of a request"),
             Self::Read(err) => write!(f, "read error: {err}"),
         }
@@ -222,7 +267,7 @@ struct Client<R, W> {
 }
 
 /// Serves one HTTP connection: request after request while both sides keep it open.
-async fn serve<S>(stream: S, remote: Remote, front: Arc<Front>, index: usize)
+async fn serve<S>(stream: S, remote: Remote, front: Arc<Front>, index: usize, _permit: OwnedSemaphorePermit)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -292,19 +337,25 @@ async fn read_head<R: AsyncRead + Unpin, W>(
     front: &Front,
 ) -> Result<Option<Request>, Refusal> {
     let mut deadline = Deadline::new(client.wait);
+    // Bytes already looked at for the head's end: a head that comes a byte at a time is parsed once it is
+    // all there, not once per byte.
+    let mut scanned = 0;
     loop {
-        if !client.buf.is_empty() {
+        if may_end_head(&client.buf, scanned) {
             if let Some(request) = parse_request(&client.buf, peer).map_err(Refusal::Http)? {
                 client.buf.advance(request.head_len);
                 return Ok(Some(request));
             }
         }
+        scanned = client.buf.len();
         client.buf.reserve(READ_AHEAD);
         let idle = client.buf.is_empty();
         let read = tokio::select! {
+            // A request already sent is read first, even once the stop has begun: it is served.
+            biased;
+            read = timeout(deadline.left(), client.reader.read_buf(&mut client.buf)) => read,
             // Between requests the connection is idle: a graceful stop closes it at once.
             () = front.stop_requested(), if idle => return Ok(None),
-            read = timeout(deadline.left(), client.reader.read_buf(&mut client.buf)) => read,
         };
         match read {
             // Closed, or quiet for a whole timeout, between requests: the end of a kept-alive connection.
@@ -327,6 +378,17 @@ async fn read_head<R: AsyncRead + Unpin, W>(
     }
 }
 
+/// Whether `buf` may hold a whole head (an empty line after the request line), or is long enough to be
+/// refused: only then is it worth parsing. `scanned` bytes were looked at before.
+fn may_end_head(buf: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(3);
+    buf.len() >= oxwsgi_proto::http::MAX_REQUEST_HEAD
+        || buf[from..].windows(2).any(|pair| pair == b"\n\n")
+        || buf[from..].windows(3).any(|triple| triple == b"\n\r\n")
+        // Garbage that can never be a request line is refused without waiting for a blank line.
+        || (scanned == 0 && !buf.is_empty() && !buf[0].is_ascii_alphabetic())
+}
+
 /// One request: its body read (chunked) or forwarded as it comes (`Content-Length`), the serving threads
 /// given the packet, the response relayed. `Ok(true)` if the connection can carry another request.
 async fn exchange<R, W>(
@@ -341,16 +403,20 @@ where
     W: AsyncWrite + Unpin,
 {
     let accepted_at = Instant::now();
+    front.request_started();
     let limit = front.config.limit_post;
+    if let RequestBody::Length(length) = request.body {
+        // Before `100 Continue`: a client told to go ahead would send a body only to be refused.
+        if let Some(limit) = limit.filter(|&limit| length > limit) {
+            return Err(Refusal::TooLarge { length, limit });
+        }
+    }
     if request.expect_continue && needs_more_body(request, client.buf.len()) {
         write(client, CONTINUE).await.map_err(Refusal::Read)?;
     }
     let (content_length, mut body) = match request.body {
         RequestBody::None => (None, Vec::new()),
         RequestBody::Length(length) => {
-            if let Some(limit) = limit.filter(|&limit| length > limit) {
-                return Err(Refusal::TooLarge { length, limit });
-            }
             let ready = usize::try_from(length).unwrap_or(usize::MAX).min(client.buf.len());
             (Some(length), client.buf.split_to(ready).to_vec())
         }
@@ -373,14 +439,23 @@ where
     packet.extend_from_slice(&body[..first]);
     body.drain(..first);
     let aborted = Arc::new(AtomicBool::new(false));
-    let (served, gateway) = std::os::unix::net::UnixStream::pair().map_err(Refusal::Read)?;
     let pair = (|| {
+        let (served, gateway) = std::os::unix::net::UnixStream::pair()?;
         served.set_nonblocking(true)?;
         gateway.set_nonblocking(true)?;
-        tokio::net::UnixStream::from_std(gateway)
+        Ok::<_, io::Error>((served, tokio::net::UnixStream::from_std(gateway)?))
     })();
-    let mut gateway = pair.map_err(Refusal::Read)?;
-    gateway.write_all(&packet).await.map_err(Refusal::Read)?;
+    let (served, mut gateway) = pair.map_err(Refusal::Unavailable)?;
+    // Nobody reads the pair before the request is queued: the write must fit its buffer (a socket pair's
+    // default holds 208 KiB), or it is given up rather than waited on for ever.
+    match timeout(client.wait, gateway.write_all(&packet)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(Refusal::Unavailable(err)),
+        Err(_) => {
+            let full = io::Error::new(io::ErrorKind::WouldBlock, "the socket pair's buffer is too small");
+            return Err(Refusal::Unavailable(full));
+        }
+    }
     drop(packet);
     front.queue_connection(Arrival {
         conn: Conn::bridged(Socket::from(std::os::fd::OwnedFd::from(served)), Arc::clone(&aborted)),
@@ -398,7 +473,7 @@ where
     };
     let wait = client.wait;
     let forward = forward_body(to_app, body, &mut client.reader, still_to_come, wait);
-    let relay = relay_response(from_app, &mut client.writer, request, &aborted, wait, front.is_stopping());
+    let relay = relay_response(from_app, &mut client.writer, request, &aborted, wait, front);
     let (forwarded, relayed) = tokio::join!(forward, relay);
     Ok(relayed && forwarded)
 }
@@ -455,15 +530,19 @@ where
     A: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
-    let mut app_reads =
-        ready.is_empty() || timeout(wait, to_app.write_all(&ready)).await.is_ok_and(|w| w.is_ok());
+    // Writes to the app wait as long as the app takes to read (its time is bounded by harakiri, as behind
+    // nginx, which buffers the body); they fail only when the serving side closed the pair.
+    let mut app_reads = ready.is_empty() || to_app.write_all(&ready).await.is_ok();
     drop(ready);
     let mut left = still_to_come;
     let mut scratch = vec![0u8; RELAY_READ_SIZE.min(usize::try_from(left).unwrap_or(usize::MAX))];
     let mut dropped = 0;
+    let mut deadline = Deadline::new(wait);
     while left > 0 {
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(scratch.len());
-        let read = match timeout(wait, client.read(&mut scratch[..want])).await {
+        // One timeout per 64 KiB from the client, as for the head: a body dripped a byte at a time does
+        // not hold the connection for ever.
+        let read = match timeout(deadline.left(), client.read(&mut scratch[..want])).await {
             Ok(Ok(read)) if read > 0 => read,
             // The client left or stalled mid-body: the serving side sees the body end early.
             _ => {
@@ -471,9 +550,10 @@ where
                 return false;
             }
         };
+        deadline.received(read);
         left -= read as u64;
         if app_reads {
-            app_reads = timeout(wait, to_app.write_all(&scratch[..read])).await.is_ok_and(|w| w.is_ok());
+            app_reads = to_app.write_all(&scratch[..read]).await.is_ok();
         } else {
             dropped += read as u64;
             if dropped > MAX_DRAIN_BYTES {
@@ -503,7 +583,7 @@ async fn relay_response<A, W>(
     request: &Request,
     aborted: &AtomicBool,
     wait: Duration,
-    stopping: bool,
+    front: &Front,
 ) -> bool
 where
     A: AsyncRead + Unpin,
@@ -515,7 +595,8 @@ where
             Ok(Some(head)) => break head,
             Ok(None) if buf.len() < RESPONSE_HEAD_MAX => {}
             _ => {
-                warn!("HTTP: the response head could not be read back; closing the connection");
+                warn!("HTTP: the response head could not be read back (over {RESPONSE_HEAD_MAX} bytes or 100 headers); answered 502");
+                let _ = write_all(client, BAD_GATEWAY, wait).await;
                 return false;
             }
         }
@@ -536,7 +617,8 @@ where
         None if request.http11 => Framing::Chunked,
         None => Framing::UntilClose,
     };
-    let keep_alive = request.keep_alive && framing != Framing::UntilClose && !stopping;
+    // Sampled once the app has answered: a stop that began while it ran closes the connection after it.
+    let keep_alive = request.keep_alive && framing != Framing::UntilClose && !front.is_stopping();
     let mut extra = String::new();
     if framing == Framing::Chunked {
         extra.push_str("Transfer-Encoding: chunked\r\n");

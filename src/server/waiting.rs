@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,10 +173,12 @@ impl Refused {
 /// waits for it here, then queues the request for the serving threads. `buf` holds what was read so far.
 pub(super) async fn read_then_queue(arrival: Arrival, buf: BytesMut, front: Arc<Front>) {
     let Arrival { conn, listener, accepted_at, in_flight } = arrival;
+    // The gateway's abort flag does not survive the trip through the runtime's stream types: it is kept here.
+    let aborted = conn.abort_flag();
     with_stream!(
         conn,
         |stream| {
-            let arrival = Arrival { conn: (), listener, accepted_at, in_flight };
+            let arrival = Arrival { conn: aborted, listener, accepted_at, in_flight };
             read_request_then_queue(stream, buf, arrival, &front).await;
         },
         |err| warn!("refused a connection: cannot register it with the I/O runtime: {err}")
@@ -186,7 +189,7 @@ pub(super) async fn read_then_queue(arrival: Arrival, buf: BytesMut, front: Arc<
 async fn read_request_then_queue<S: Stream>(
     mut stream: S,
     mut buf: BytesMut,
-    arrival: Arrival<()>,
+    arrival: Arrival<Option<Arc<AtomicBool>>>,
     front: &Arc<Front>,
 ) {
     let config = &front.config;
@@ -247,7 +250,7 @@ async fn read_request_then_queue<S: Stream>(
         }
     }
     let conn = match stream.into_conn() {
-        Ok(conn) => conn,
+        Ok(conn) => conn.with_abort_flag(arrival.conn),
         Err(err) => return warn!("cannot take a connection back from the I/O runtime: {err}"),
     };
     let arrival = Arrival {
@@ -363,7 +366,7 @@ pub(super) async fn write_rest(
         |stream| {
             let (end, record) = write_parts(stream, first, parts, record, wait).await;
             if let (End::Aborted, Some(aborted)) = (&end, aborted) {
-                aborted.store(true, std::sync::atomic::Ordering::Release);
+                aborted.store(true, Ordering::Release);
             }
             record.done(&front, &end);
         },

@@ -179,6 +179,13 @@ def ignore_body_keep_environ(environ, start_response, query):
     return report(start_response, {"content_length": environ.get("CONTENT_LENGTH")})
 
 
+def sleep_then_read(environ, start_response, query):
+    """Reads the body only after `ms`: a slow consumer, slower than the socket timeout."""
+    time.sleep(int(query.get("ms", "100")) / 1000)
+    body = environ["wsgi.input"].read()
+    return report(start_response, {"length": len(body)})
+
+
 def read_content_length(environ, start_response, query):
     body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
     return report(start_response, {"length": len(body)})
@@ -570,6 +577,7 @@ ROUTES = {
     "/ignore-body": ignore_body,
     "/ignore-body-keep-environ": ignore_body_keep_environ,
     "/read-content-length": read_content_length,
+    "/sleep-then-read": sleep_then_read,
     "/lazy-start": lazy_start,
     "/write": write_only,
     "/write-then-iter": write_then_iter,
