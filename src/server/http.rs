@@ -58,6 +58,9 @@ const BODY_WITH_PACKET: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
 /// "Over the connection limit" lines logged per second, at most.
 const BUSY_LOGGED_PER_SECOND: u64 = 1;
+/// A head shorter than this is parsed again after every read; a longer one only once its end may be in, so
+/// a head sent a byte at a time costs one parse, not one per byte.
+const PARSE_EVERY_READ_BELOW: usize = 1024;
 /// First pause after `accept()` fails, and the longest.
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -378,15 +381,15 @@ async fn read_head<R: AsyncRead + Unpin, W>(
     }
 }
 
-/// Whether `buf` may hold a whole head (an empty line after the request line), or is long enough to be
-/// refused: only then is it worth parsing. `scanned` bytes were looked at before.
+/// Whether `buf` is worth parsing: while it is short, always (so garbage is refused at once, and parsing
+/// is cheap); past [`PARSE_EVERY_READ_BELOW`], only once it may hold a whole head (an empty line after the
+/// request line) or is long enough to be refused. `scanned` bytes were looked at before.
 fn may_end_head(buf: &[u8], scanned: usize) -> bool {
     let from = scanned.saturating_sub(3);
-    buf.len() >= oxwsgi_proto::http::MAX_REQUEST_HEAD
+    (!buf.is_empty() && buf.len() < PARSE_EVERY_READ_BELOW)
+        || buf.len() >= oxwsgi_proto::http::MAX_REQUEST_HEAD
         || buf[from..].windows(2).any(|pair| pair == b"\n\n")
         || buf[from..].windows(3).any(|triple| triple == b"\n\r\n")
-        // Garbage that can never be a request line is refused without waiting for a blank line.
-        || (scanned == 0 && !buf.is_empty() && !buf[0].is_ascii_alphabetic())
 }
 
 /// One request: its body read (chunked) or forwarded as it comes (`Content-Length`), the serving threads
