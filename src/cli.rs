@@ -33,6 +33,9 @@ where
 
 /// [`run`], with a master starting its workers with `workers` (the Python package: its interpreter).
 pub fn run_with(args: Vec<OsString>, workers: master::WorkerCommand) -> ExitCode {
+    if crate::ping::asked(&args) {
+        return crate::ping::run(&args);
+    }
     let inherited = match master::Inherited::from_env() {
         Ok(inherited) => inherited,
         Err(err) => return fail(err),

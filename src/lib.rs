@@ -12,6 +12,7 @@
 //!   master↔worker contract, spawning, each worker's lifecycle (a tested state machine), periodic checks.
 //! - [`metrics`]: what workers count in shared memory (label model, word layout, the unsafe word views in
 //!   one module), and the master's `/metrics` and `--stats`.
+//! - [`ping`]: `oxwsgi ping ADDR`, the health check: a uwsgi ping and its pong.
 //! - [`server`]: sockets — binding or adopting them (systemd, the master), the serving threads' accept and
 //!   read, the response out, and the tokio runtime for connections that wait. No pyo3.
 //! - [`socket_file`]: Unix socket files — a stale one replaced, a live one never stolen, removal at exit.
@@ -27,6 +28,7 @@ pub mod deploy;
 pub mod logging;
 pub mod master;
 pub mod metrics;
+pub mod ping;
 pub mod server;
 pub mod socket_file;
 pub mod wsgi;
