@@ -26,6 +26,8 @@ have_nginx || apt_missing+=(nginx-light)
 have_prometheus || apt_missing+=(prometheus)
 # tests/e2e/test_http_socket.py speaks to --http-socket with curl, as a user would.
 command -v curl >/dev/null 2>&1 || apt_missing+=(curl)
+# tests/e2e/test_tls.py makes its certificates with openssl.
+command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     prometheus_was_running=false
     pgrep -x prometheus >/dev/null 2>&1 && prometheus_was_running=true
@@ -33,6 +35,7 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     have_nginx || die "nginx is still missing after installing ${apt_missing[*]}"
     have_prometheus || die "prometheus or promtool is still missing after installing ${apt_missing[*]}"
     command -v curl >/dev/null 2>&1 || die "curl is still missing after installing ${apt_missing[*]}"
+    command -v openssl >/dev/null 2>&1 || die "openssl is still missing after installing ${apt_missing[*]}"
     if [ "$prometheus_was_running" = false ] && pgrep -x prometheus >/dev/null 2>&1; then
         die "installing ${apt_missing[*]} started a Prometheus daemon (pid $(pgrep -x prometheus | xargs));" \
             "stop it (systemctl disable --now prometheus, or kill that pid) and run this again"

@@ -75,11 +75,18 @@ pub fn run_with(args: Vec<OsString>, workers: master::WorkerCommand) -> ExitCode
     if let Some(warning) = unknown_options {
         tracing::warn!("{warning}");
     }
+    // Certificates that cannot be used stop the start here, in one line, before any socket or worker.
+    for files in &config.tls {
+        if let Err(err) = server::tls::load(files) {
+            return fail(err);
+        }
+    }
     let sockets = match take_sockets(&mut config) {
         Ok(sockets) => sockets,
         Err(err) => return fail(err),
     };
     warn_about_exposed_sockets(&sockets);
+    warn_about_tls_without_client_ca(&config);
     // Only the process that bound the sockets writes the pidfile and drops privileges (workers inherit both).
     let _pidfile = match config.pidfile.as_deref().map(deploy::Pidfile::create).transpose() {
         Ok(pidfile) => pidfile,
@@ -103,8 +110,8 @@ enum SocketsError {
     #[error("cannot use the sockets passed by systemd: {0}")]
     Systemd(std::io::Error),
     #[error(
-        "no socket to listen on: give --socket ADDR or --http-socket ADDR (or start under systemd socket \
-         activation)"
+        "no socket to listen on: give --socket ADDR, --http-socket ADDR or --ssl-socket ... (or start under \
+         systemd socket activation)"
     )]
     NoSocket,
     #[error("cannot listen on {spec}: {source}")]
@@ -123,14 +130,16 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
         Ok(None) => {}
         Err(err) => return Err(SocketsError::Systemd(err)),
     }
-    if config.sockets.is_empty() && config.http_sockets.is_empty() {
+    if config.sockets.is_empty() && config.http_sockets.is_empty() && config.ssl_sockets.is_empty() {
         return Err(SocketsError::NoSocket);
     }
     deploy::check_backlog(config.server.listen_backlog);
     let uwsgi = config.sockets.iter().map(|spec| (spec, Protocol::Uwsgi));
     let http = config.http_sockets.iter().map(|spec| (spec, Protocol::Http));
+    let tls = config.ssl_sockets.iter().map(|spec| (spec, Protocol::Tls));
     uwsgi
         .chain(http)
+        .chain(tls)
         .map(|(spec, protocol)| {
             server::bind(spec, protocol, &config.server)
                 .map_err(|source| SocketsError::Bind { spec: spec.clone(), source })
@@ -152,6 +161,19 @@ fn warn_about_exposed_sockets(sockets: &[BoundSocket]) {
                      address to this port (firewall, private network)"
                 );
             }
+        }
+    }
+}
+
+/// TLS keeps the traffic private, but without a client CA anyone who reaches the port can still send
+/// requests with any `REMOTE_ADDR` and headers: said once, at start.
+fn warn_about_tls_without_client_ca(config: &Config) {
+    for (spec, files) in config.ssl_sockets.iter().zip(&config.tls) {
+        if files.client_ca.is_none() {
+            tracing::warn!(
+                "--ssl-socket {spec} has no client CA: any peer that reaches it can send requests; give \
+                 ADDR,CERT,KEY,CA so only your nginx (with uwsgi_ssl_certificate) gets past the handshake"
+            );
         }
     }
 }
@@ -195,10 +217,11 @@ fn serve(
         Ok(runtime) => runtime,
         Err(err) => return stop(&format!("cannot start the I/O runtime: {err}")),
     };
-    let front = match Front::new(sockets, config.server, recorder, runtime.handle().clone(), retire) {
-        Ok(front) => front,
-        Err(err) => return stop(&format!("cannot use the listening sockets: {err}")),
-    };
+    let front =
+        match Front::new(sockets, config.server, &config.tls, recorder, runtime.handle().clone(), retire) {
+            Ok(front) => front,
+            Err(err) => return stop(&format!("cannot use the listening sockets: {err}")),
+        };
     let pool = match wsgi::start(app, config.pool, on_harakiri, recorder, &front) {
         Ok(pool) => pool,
         Err(err) => return stop(&err),

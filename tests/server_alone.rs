@@ -50,9 +50,15 @@ impl Alone {
         let socket =
             server::bind(&SocketSpec::Unix(path.clone()), server::Protocol::Uwsgi, &config).expect("bind");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let front =
-            Front::new(vec![socket], config, Recorder::disabled(), runtime.handle().clone(), Box::new(|| {}))
-                .expect("the front");
+        let front = Front::new(
+            vec![socket],
+            config,
+            &[],
+            Recorder::disabled(),
+            runtime.handle().clone(),
+            Box::new(|| {}),
+        )
+        .expect("the front");
         let mut acceptor = front.acceptor().expect("an acceptor");
         let handler = thread::spawn(move || {
             while let Some(job) = acceptor.next_job() {

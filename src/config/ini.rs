@@ -91,6 +91,7 @@ const U32_MAX: u64 = u32::MAX as u64;
 const KNOWN: &[Known] = &[
     Known { keys: &["socket", "uwsgi-socket"], flag: "socket", kind: Kind::List },
     Known { keys: &["http-socket"], flag: "http-socket", kind: Kind::List },
+    Known { keys: &["ssl-socket", "suwsgi-socket"], flag: "ssl-socket", kind: Kind::List },
     Known { keys: &["chdir"], flag: "chdir", kind: Kind::Text },
     Known { keys: &["module", "wsgi"], flag: "module", kind: Kind::Text },
     Known { keys: &["wsgi-file", "file"], flag: "wsgi-file", kind: Kind::Text },

@@ -60,6 +60,14 @@ pub struct Cli {
     #[arg(long = "http-socket", value_name = "ADDR", env = "OXWSGI_HTTP_SOCKET", value_delimiter = ',')]
     pub http_sockets: Vec<String>,
 
+    /// Serve uwsgi over TLS on a TCP ADDR, as uWSGI's `suwsgi-socket` (`uwsgi_pass suwsgi://` in nginx):
+    /// `ADDR,CERT,KEY[,CA]`, PEM files of the certificate chain, its key and, with CA, the authority a client
+    /// certificate must chain to — mutual TLS: a peer without one (anyone but your nginx) is refused at the
+    /// handshake. Repeatable. Each worker reads the files when it starts, so a SIGHUP reload picks up renewed
+    /// certificates.
+    #[arg(long = "ssl-socket", value_name = "ADDR,CERT,KEY[,CA]", env = "OXWSGI_SSL_SOCKET")]
+    pub ssl_sockets: Vec<String>,
+
     /// Load the app from a module: `package.module:callable` (callable defaults to --callable).
     #[arg(long, short = 'w', value_name = "MODULE[:CALLABLE]", env = "OXWSGI_MODULE")]
     #[arg(conflicts_with = "wsgi_file", required_unless_present_any = ["wsgi_file", "ini", "ini_file"])]
@@ -236,6 +244,10 @@ pub struct Config {
     pub sockets: Vec<SocketSpec>,
     /// `--http-socket`: plain HTTP/1.1 listeners.
     pub http_sockets: Vec<SocketSpec>,
+    /// `--ssl-socket`: uwsgi over TLS.
+    pub ssl_sockets: Vec<SocketSpec>,
+    /// The certificate files of each TLS listener, in the order of `ssl_sockets`.
+    pub tls: Vec<TlsFiles>,
     pub app: AppSpec,
     pub pool: PoolConfig,
     pub server: ServerConfig,
@@ -373,6 +385,16 @@ pub struct ServerConfig {
     pub max_requests: Option<u64>,
 }
 
+/// What one TLS listener presents and checks: PEM files, read by each process that serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    /// The certificate chain, the server's own first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// With it, a client must present a certificate that chains to one of these (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A config that cannot be used, by kind; `Display` is the one line printed before exiting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -389,6 +411,10 @@ pub enum ConfigError {
     Address { option: &'static str, value: String },
     #[error("--metrics {0}: Prometheus scrapes over TCP: give host:port")]
     MetricsNotTcp(String),
+    #[error(
+        "--ssl-socket {0}: expected ADDR,CERT,KEY[,CA] with a TCP ADDR (host:port, [ipv6]:port or :port)"
+    )]
+    SslSocket(String),
     #[error("--chmod-socket {0}: expected an octal mode such as 660")]
     Mode(String),
     /// A user or group that does not resolve (`--uid`, `--gid`, `--chown-socket`).
@@ -413,6 +439,7 @@ impl ConfigError {
             Self::Address { option, .. } | Self::Owner { option, .. } => Some(option),
             Self::MetricsNotTcp(_) => Some("--metrics"),
             Self::Mode(_) => Some("--chmod-socket"),
+            Self::SslSocket(_) => Some("--ssl-socket"),
             Self::Module(_) => Some("--module"),
             Self::Env(_) => Some("--env"),
             Self::AppSource => None,
@@ -426,6 +453,13 @@ impl TryFrom<Cli> for Config {
     fn try_from(cli: Cli) -> Result<Self, ConfigError> {
         let sockets = cli.sockets.iter().map(|s| parse_socket(s)).collect::<Result<Vec<_>, _>>()?;
         let http_sockets = cli.http_sockets.iter().map(|s| parse_http_socket(s)).collect::<Result<_, _>>()?;
+        let (ssl_sockets, tls): (Vec<_>, Vec<_>) = cli
+            .ssl_sockets
+            .iter()
+            .map(|s| parse_ssl_socket(s))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let max_datasize =
             u16::try_from(cli.buffer_size).map_err(|_| ConfigError::BufferSizeTooLarge(cli.buffer_size))?;
         if max_datasize == 0 {
@@ -480,6 +514,8 @@ impl TryFrom<Cli> for Config {
         Ok(Config {
             sockets,
             http_sockets,
+            ssl_sockets,
+            tls,
             run_as,
             metrics,
             pidfile: cli.pidfile,
@@ -559,6 +595,30 @@ fn app_source(
         (None, Some(path)) => Ok((AppSource::File(path), callable)),
         _ => Err(ConfigError::AppSource),
     }
+}
+
+/// `ADDR,CERT,KEY[,CA]` of `--ssl-socket`, or uWSGI's `suwsgi-socket` form `ADDR,CERT,KEY,CIPHERS,CA`, with
+/// a TCP address: TLS to a Unix socket would protect nothing a file mode does not.
+pub fn parse_ssl_socket(text: &str) -> Result<(SocketSpec, TlsFiles), ConfigError> {
+    let bad = || ConfigError::SslSocket(text.to_owned());
+    let parts: Vec<&str> = text.split(',').collect();
+    let (addr, cert, key, client_ca) = match parts[..] {
+        [addr, cert, key] => (addr, cert, key, None),
+        [addr, cert, key, ca] => (addr, cert, key, Some(ca)),
+        // uWSGI's own order puts a cipher list before the CA: rustls offers only its safe suites, so the
+        // list means nothing here (an empty CA, as uWSGI allows, means none).
+        [addr, cert, key, _ciphers, ca] => (addr, cert, key, Some(ca).filter(|ca| !ca.is_empty())),
+        _ => return Err(bad()),
+    };
+    if [addr, cert, key].iter().chain(client_ca.iter()).any(|part| part.is_empty()) {
+        return Err(bad());
+    }
+    let spec = parse_address("--ssl-socket", addr)?;
+    if !matches!(spec, SocketSpec::Tcp(_)) {
+        return Err(bad());
+    }
+    let files = TlsFiles { cert: cert.into(), key: key.into(), client_ca: client_ca.map(PathBuf::from) };
+    Ok((spec, files))
 }
 
 /// [`parse_socket`] for `--http-socket`.

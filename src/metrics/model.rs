@@ -76,6 +76,9 @@ pub enum ProtocolErrorKind {
     Timeout,
     /// The read itself failed.
     ReadError,
+    /// A `--ssl-socket` peer failed the TLS handshake: no client certificate or a wrong one, plain uwsgi
+    /// sent to the TLS port, or no handshake in time.
+    TlsHandshake,
 }
 
 impl From<oxwsgi_proto::ProtocolError> for ProtocolErrorKind {
@@ -94,7 +97,7 @@ impl From<oxwsgi_proto::ProtocolError> for ProtocolErrorKind {
 }
 
 impl ProtocolErrorKind {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::DatasizeTooLarge,
         Self::EmptyPacket,
         Self::EmptyKey,
@@ -108,6 +111,7 @@ impl ProtocolErrorKind {
         Self::Truncated,
         Self::Timeout,
         Self::ReadError,
+        Self::TlsHandshake,
     ];
 
     pub fn label(self) -> &'static str {
@@ -126,6 +130,7 @@ impl ProtocolErrorKind {
             Self::Truncated => "truncated",
             Self::Timeout => "timeout",
             Self::ReadError => "read_error",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -234,6 +234,17 @@ impl AsRawFd for Conn {
     }
 }
 
+/// A socket pair for a gateway in the I/O runtime (`--http-socket`, `--ssl-socket`): the serving side as a
+/// [`Conn`] whose abort sets `aborted`, and the gateway's side registered with the runtime (so this must
+/// be called inside it).
+pub(super) fn bridge(aborted: Arc<AtomicBool>) -> io::Result<(Conn, tokio::net::UnixStream)> {
+    let (served, gateway) = std::os::unix::net::UnixStream::pair()?;
+    served.set_nonblocking(true)?;
+    gateway.set_nonblocking(true)?;
+    let served = Conn::bridged(Socket::from(std::os::fd::OwnedFd::from(served)), aborted);
+    Ok((served, UnixStream::from_std(gateway)?))
+}
+
 /// `sendfile(2)` from `file` at `offset` to `socket`, advancing `offset`.
 pub fn sendfile(
     socket: BorrowedFd<'_>,

@@ -33,7 +33,7 @@ use super::listener::{BoundSocket, Protocol};
 use super::log_budget::{left_out, LogBudget};
 use super::request::{frame, Body, Framing, ListenerInfo, RequestHead, BUFFERED_BODY_MAX};
 use super::responder::{Record, Responder};
-use crate::config::{ServerConfig, SocketSpec};
+use crate::config::{ServerConfig, SocketSpec, TlsFiles};
 use crate::metrics::model::ProtocolErrorKind;
 use crate::metrics::InFlight;
 use crate::metrics::Recorder;
@@ -131,6 +131,8 @@ pub(super) struct Listening {
     pub socket: Socket,
     pub kind: Kind,
     pub protocol: Protocol,
+    /// The TLS settings of a [`Protocol::Tls`] listener, read when this process started.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub spec: SocketSpec,
     pub info: Arc<ListenerInfo>,
 }
@@ -167,14 +169,27 @@ impl Front {
     pub fn new(
         sockets: Vec<BoundSocket>,
         config: ServerConfig,
+        tls: &[TlsFiles],
         metrics: Recorder,
         runtime: Handle,
         retire: Box<dyn FnOnce() + Send>,
     ) -> io::Result<Arc<Self>> {
+        let mut tls_files = tls.iter();
         let listeners = sockets
             .into_iter()
             .map(|bound| {
                 let (socket, spec, protocol) = bound.into_parts();
+                let tls = match protocol {
+                    Protocol::Tls => {
+                        let files = tls_files.next().ok_or_else(|| {
+                            io::Error::other(format!(
+                                "{spec} speaks TLS, but no --ssl-socket names its files"
+                            ))
+                        })?;
+                        Some(super::tls::load(files).map_err(io::Error::other)?)
+                    }
+                    Protocol::Uwsgi | Protocol::Http => None,
+                };
                 let (kind, info) = match &spec {
                     SocketSpec::Tcp(addr) => {
                         let local = socket.local_addr()?.as_socket().unwrap_or(*addr);
@@ -189,7 +204,7 @@ impl Front {
                         ListenerInfo { server_name: "localhost".into(), server_port: String::new() },
                     ),
                 };
-                Ok(Listening { socket, kind, protocol, spec, info: Arc::new(info) })
+                Ok(Listening { socket, kind, protocol, tls, spec, info: Arc::new(info) })
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Self {
@@ -222,6 +237,7 @@ impl Front {
                 SocketSpec::Tcp(addr) => format!("http://{addr}/"),
                 SocketSpec::Unix(_) => format!("{} (HTTP)", l.spec),
             },
+            Protocol::Tls => format!("{} (uwsgi over TLS)", l.spec),
         };
         self.listeners.iter().map(name).collect::<Vec<_>>().join(", ")
     }
@@ -243,11 +259,16 @@ impl Front {
         self.listeners.iter().enumerate().filter(|(_, listener)| listener.protocol == Protocol::Uwsgi)
     }
 
-    /// Starts accepting on the `--http-socket` listeners, in the I/O runtime, until the graceful stop.
-    pub fn serve_http(self: &Arc<Self>) {
+    /// Starts accepting on the `--http-socket` and `--ssl-socket` listeners, in the I/O runtime, until the
+    /// graceful stop.
+    pub fn serve_in_runtime(self: &Arc<Self>) {
         for (index, listener) in self.listeners.iter().enumerate() {
-            if listener.protocol == Protocol::Http {
-                self.spawn(super::http::accept(Arc::clone(self), index));
+            match (&listener.protocol, &listener.tls) {
+                (Protocol::Http, _) => self.spawn(super::http::accept(Arc::clone(self), index)),
+                (Protocol::Tls, Some(tls)) => {
+                    self.spawn(super::tls::accept(Arc::clone(self), index, Arc::clone(tls)));
+                }
+                _ => {}
             }
         }
     }

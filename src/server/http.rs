@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 use tracing::warn;
 
-use super::conn::{Conn, Kind};
+use super::conn::{bridge, Kind};
 use super::front::{Arrival, Front};
 use super::log_budget::{left_out, LogBudget};
 use super::responder::MAX_DRAIN_BYTES;
@@ -442,13 +442,7 @@ where
     packet.extend_from_slice(&body[..first]);
     body.drain(..first);
     let aborted = Arc::new(AtomicBool::new(false));
-    let pair = (|| {
-        let (served, gateway) = std::os::unix::net::UnixStream::pair()?;
-        served.set_nonblocking(true)?;
-        gateway.set_nonblocking(true)?;
-        Ok::<_, io::Error>((served, tokio::net::UnixStream::from_std(gateway)?))
-    })();
-    let (served, mut gateway) = pair.map_err(Refusal::Unavailable)?;
+    let (served, mut gateway) = bridge(Arc::clone(&aborted)).map_err(Refusal::Unavailable)?;
     // Nobody reads the pair before the request is queued: the write must fit its buffer (a socket pair's
     // default holds 208 KiB), or it is given up rather than waited on for ever.
     match timeout(client.wait, gateway.write_all(&packet)).await {
@@ -461,7 +455,7 @@ where
     }
     drop(packet);
     front.queue_connection(Arrival {
-        conn: Conn::bridged(Socket::from(std::os::fd::OwnedFd::from(served)), Arc::clone(&aborted)),
+        conn: served,
         listener: index,
         accepted_at,
         in_flight: front.metrics.in_flight(),

@@ -23,6 +23,8 @@ pub enum Protocol {
     Uwsgi,
     /// Plain HTTP/1.1 (`--http-socket`): the I/O runtime accepts ([`super::http`]).
     Http,
+    /// uwsgi over TLS (`--ssl-socket`): the I/O runtime accepts ([`super::tls`]).
+    Tls,
 }
 
 impl Protocol {
@@ -31,15 +33,16 @@ impl Protocol {
         match self {
             Self::Uwsgi => "uwsgi",
             Self::Http => "http",
+            Self::Tls => "tls",
         }
     }
 
-    /// `http` is HTTP; any other name (systemd's default is the unit's name) is uwsgi.
+    /// `http` is HTTP, `tls` uwsgi over TLS; any other name (systemd's default is the unit's name) is uwsgi.
     pub fn from_name(name: &str) -> Self {
-        if name == "http" {
-            Self::Http
-        } else {
-            Self::Uwsgi
+        match name {
+            "http" => Self::Http,
+            "tls" => Self::Tls,
+            _ => Self::Uwsgi,
         }
     }
 }

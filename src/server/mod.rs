@@ -14,6 +14,7 @@ mod listener;
 mod log_budget;
 mod request;
 mod responder;
+pub mod tls;
 mod waiting;
 
 use std::future::Future;
@@ -37,7 +38,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(),
 ) -> io::Result<()> {
-    front.serve_http();
+    front.serve_in_runtime();
     info!("ready: listening on {}", front.names());
     ready();
     shutdown.await;

@@ -1,0 +1,215 @@
+//! `--ssl-socket`: the uwsgi protocol over TLS (nginx's `uwsgi_pass suwsgi://`), for backends on other
+//! hosts. The I/O runtime accepts, runs the handshake (rustls; with a client CA, a peer without a
+//! certificate that chains to it is refused there), then hands the serving threads one end of a socket
+//! pair as if nginx had connected in the clear, and copies bytes between the two: the request takes the
+//! path of any other, and what decides `wsgi.url_scheme` is still what nginx sends, not this hop.
+//!
+//! The certificate files are read by each process when it starts ([`load`]), so the reload that replaces
+//! workers (SIGHUP) picks up renewed certificates. No pyo3 here.
+
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use socket2::Socket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
+
+use super::conn::bridge;
+use super::front::{Arrival, Front};
+use crate::config::TlsFiles;
+use crate::metrics::model::ProtocolErrorKind;
+
+/// The first read after the handshake: nginx's packets for ordinary requests are 1-3 KiB, so the packet is
+/// usually in the pair before the request is queued (the serving thread then reads it at once).
+const FIRST_READ: usize = 16 * 1024;
+/// First pause after `accept()` fails, and the longest.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why a TLS listener cannot start: one line naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("--ssl-socket: cannot read {what} {}: {source}", path.display())]
+    Read { what: &'static str, path: std::path::PathBuf, source: io::Error },
+    #[error("--ssl-socket: no {what} in {} (expected PEM)", path.display())]
+    Missing { what: &'static str, path: std::path::PathBuf },
+    #[error("--ssl-socket: {context}: {source}")]
+    Rustls { context: String, source: rustls::Error },
+    #[error("--ssl-socket: client CA {}: {source}", path.display())]
+    ClientCa { path: std::path::PathBuf, source: rustls::server::VerifierBuilderError },
+}
+
+/// Reads `files` into the TLS settings of one listener: TLS 1.2 and 1.3 with rustls's safe suites, the
+/// certificate chain and key, and with a client CA, client certificates required.
+pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = read_certs(&files.cert, "certificate")?;
+    let key = open(&files.key, "key").and_then(|reader| {
+        PrivateKeyDer::from_pem_reader(reader)
+            .map_err(|_| TlsError::Missing { what: "private key", path: files.key.clone() })
+    })?;
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls { context: "protocol versions".into(), source })?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(path, "client CA")? {
+                roots.add(cert).map_err(|source| TlsError::Rustls {
+                    context: format!("client CA {}", path.display()),
+                    source,
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|source| TlsError::ClientCa { path: path.clone(), source })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let context = format!("certificate {} with key {}", files.cert.display(), files.key.display());
+    let config =
+        builder.with_single_cert(chain, key).map_err(|source| TlsError::Rustls { context, source })?;
+    Ok(Arc::new(config))
+}
+
+fn open(path: &std::path::Path, what: &'static str) -> Result<BufReader<File>, TlsError> {
+    File::open(path).map(BufReader::new).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_certs(path: &std::path::Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_reader_iter(open(path, what)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TlsError::Missing { what, path: path.to_path_buf() })?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing { what, path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// Accepts on TLS listener `index` until the graceful stop, each connection handled by a task of its own.
+pub(super) async fn accept(front: Arc<Front>, index: usize, config: Arc<ServerConfig>) {
+    let listener = match front
+        .listener(index)
+        .socket
+        .try_clone()
+        .and_then(|s: Socket| TcpListener::from_std(s.into()))
+    {
+        Ok(listener) => listener,
+        Err(err) => return warn!("cannot accept on {}: {err}", front.listener(index).spec),
+    };
+    let acceptor = TlsAcceptor::from(config);
+    let mut backoff = MIN_ACCEPT_BACKOFF;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = front.stop_requested() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = MIN_ACCEPT_BACKOFF;
+                // Counted from the accept: a graceful stop waits for the request it brings.
+                front.arrival_started();
+                front.spawn(serve(stream, acceptor.clone(), Arc::clone(&front), index));
+            }
+            Err(err) => {
+                front.accept_errors.report(&err, backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One connection: the handshake, then the request's bytes in and the response's out, through a socket
+/// pair whose other end a serving thread takes as an ordinary uwsgi connection.
+async fn serve(stream: TcpStream, acceptor: TlsAcceptor, front: Arc<Front>, index: usize) {
+    let wait = front.config.socket_timeout;
+    let tcp = socket2::SockRef::from(&stream).try_clone().ok();
+    let mut tls = match timeout(wait, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            front.arrival_done();
+            return front
+                .refused(ProtocolErrorKind::TlsHandshake, &format_args!("TLS handshake failed: {err}"));
+        }
+        Err(_) => {
+            front.arrival_done();
+            let why = format_args!("TLS handshake not done within --socket-timeout ({wait:?})");
+            return front.refused(ProtocolErrorKind::TlsHandshake, &why);
+        }
+    };
+    front.request_started();
+    // The packet's first bytes go into the pair before the request is queued, as from nginx in the clear.
+    let mut first = vec![0u8; FIRST_READ];
+    let read = match timeout(wait, tls.read(&mut first)).await {
+        Ok(Ok(read)) => read,
+        Ok(Err(_)) | Err(_) => 0,
+    };
+    if read == 0 {
+        // Connected and left (a port probe, a health check of the TLS layer alone): nothing to serve.
+        front.arrival_done();
+        return;
+    }
+    first.truncate(read);
+    let aborted = Arc::new(AtomicBool::new(false));
+    let (served, mut gateway) = match bridge(Arc::clone(&aborted)) {
+        Ok(pair) => pair,
+        Err(err) => {
+            front.arrival_done();
+            return warn!("TLS: cannot hand a request to the serving threads: {err}");
+        }
+    };
+    if gateway.write_all(&first).await.is_err() {
+        front.arrival_done();
+        return;
+    }
+    front.queue_connection(Arrival {
+        conn: served,
+        listener: index,
+        accepted_at: std::time::Instant::now(),
+        in_flight: front.metrics.in_flight(),
+    });
+    front.arrival_done();
+
+    let (mut tls_in, mut tls_out) = tokio::io::split(tls);
+    let (mut from_app, mut to_app) = gateway.split();
+    // nginx never ends its side of a uwsgi connection: the exchange is over when the response is, and
+    // what the request still sends (its body) is copied meanwhile.
+    let downloaded = {
+        let upload = tokio::io::copy(&mut tls_in, &mut to_app);
+        let download = tokio::io::copy(&mut from_app, &mut tls_out);
+        tokio::pin!(upload, download);
+        let mut uploading = true;
+        loop {
+            tokio::select! {
+                done = &mut download => break done,
+                _ = &mut upload, if uploading => uploading = false,
+            }
+        }
+    };
+    if downloaded.is_err() || aborted.load(Ordering::Acquire) {
+        // The app failed after bytes were sent, or the peer is gone: nginx must see an error, never a
+        // response cut short passed off as complete, so no close_notify, and a reset.
+        if let Some(tcp) = tcp {
+            let _ = tcp.set_linger(Some(Duration::ZERO));
+        }
+        return;
+    }
+    let _ = timeout(wait, tls_out.shutdown()).await;
+}
