@@ -140,6 +140,12 @@ pub(super) async fn accept(front: Arc<Front>, index: usize, config: Arc<ServerCo
 /// pair whose other end a serving thread takes as an ordinary uwsgi connection.
 async fn serve(stream: TcpStream, acceptor: TlsAcceptor, front: Arc<Front>, index: usize) {
     let wait = front.config.socket_timeout;
+    // Connected and closed without a byte: a port probe (a load balancer's, a readiness check), not a
+    // failed handshake worth a log line.
+    if let Ok(Ok(0)) = timeout(wait, stream.peek(&mut [0u8; 1])).await {
+        front.arrival_done();
+        return;
+    }
     let tcp = socket2::SockRef::from(&stream).try_clone().ok();
     let mut tls = match timeout(wait, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,

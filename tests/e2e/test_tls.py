@@ -9,12 +9,12 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
 import requests
 
+from certs import SERVER_NAME, make_ca, make_cert, require_openssl
 from conftest import APPS, HTTP_TIMEOUT, READY_INTERVAL, READY_TRIES, Process, find_nginx, free_port
 
 NGINX_CONF = """
@@ -40,7 +40,7 @@ http {{
             uwsgi_ssl_certificate_key {certs}/nginx.key;
             uwsgi_ssl_trusted_certificate {certs}/ca.crt;
             uwsgi_ssl_verify on;
-            uwsgi_ssl_name app.oxwsgi.test;
+            uwsgi_ssl_name {server_name};
             uwsgi_ssl_session_reuse on;
         }}
     }}
@@ -48,35 +48,9 @@ http {{
 """
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_ca(certs, name):
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-            "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=certs)
-
-
-def make_cert(certs, name, ca, *, ip=None, serial=1):
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=certs)
-    ext = certs / f"{name}.ext"
-    lines = ["basicConstraints=CA:FALSE"]
-    if ip:
-        # nginx checks the name it is given (uwsgi_ssl_name) against DNS names only.
-        lines.append(f"subjectAltName=DNS:app.oxwsgi.test,IP:{ip}")
-        lines.append("extendedKeyUsage=serverAuth")
-    else:
-        lines.append("extendedKeyUsage=clientAuth")
-    ext.write_text("\n".join(lines) + "\n")
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-set_serial",
-            str(serial), "-days", "2", "-extfile", ext.name, "-out", f"{name}.crt", cwd=certs)
-
-
 @pytest.fixture(scope="module")
 def tls_stack(tmp_path_factory, oxwsgi_bin):
-    if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
-        pytest.fail("openssl is not installed (scripts/setup.sh installs it)", pytrace=False)
+    require_openssl()
     nginx_bin = find_nginx()
     work = tmp_path_factory.mktemp("tls")
     certs = work / "certs"
@@ -112,7 +86,8 @@ def tls_stack(tmp_path_factory, oxwsgi_bin):
         prefix.mkdir()
         http_port = free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, http_port=http_port, tls_port=tls_port, certs=certs))
+        conf.write_text(NGINX_CONF.format(prefix=prefix, http_port=http_port, tls_port=tls_port, certs=certs,
+                                      server_name=SERVER_NAME))
         nginx = Process("nginx", [nginx_bin, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
                         prefix / "nginx.out")
         nginx.start()
@@ -135,7 +110,7 @@ def client_context(certs, cert=None):
 def handshake(stack, cert=None):
     """A direct TLS client (not nginx): returns the server certificate's serial, or raises."""
     with socket.create_connection(("127.0.0.1", stack["tls_port"]), timeout=10) as raw:
-        with client_context(stack["certs"], cert).wrap_socket(raw, server_hostname="app.oxwsgi.test") as tls:
+        with client_context(stack["certs"], cert).wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
             # TLS 1.3 sends the verdict on the client certificate after the handshake: a read shows it.
             tls.sendall(b"\x64\x00\x00\x00")  # a uwsgi ping
             answer = tls.recv(4)
