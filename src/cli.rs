@@ -78,7 +78,7 @@ pub fn run_with(args: Vec<OsString>, workers: master::WorkerCommand) -> ExitCode
     // Certificates that cannot be used stop the start here, in one line, before any socket or worker.
     for files in &config.tls {
         if let Err(err) = server::tls::load(files) {
-            return fail(err);
+            return fail(format!("--ssl-socket: {err}"));
         }
     }
     let sockets = match take_sockets(&mut config) {

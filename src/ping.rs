@@ -1,11 +1,13 @@
 //! `oxwsgi ping ADDR` (or `oxwsgi --ping ADDR`, as `uwsgi --ping`): a health check for Docker's
 //! `HEALTHCHECK` and Kubernetes exec probes. It sends a uwsgi ping packet (modifier1 100, no vars) to a
-//! Unix or TCP socket and exits 0 when the server answers with a pong within the timeout; otherwise it
+//! Unix or TCP socket, or over TLS to an `--ssl-socket` (`--tls-ca`, and a client certificate where the
+//! socket asks for one), and exits 0 when the server answers with a pong within the timeout; otherwise it
 //! prints one line saying why and exits 1.
 //!
 //! The answer comes from a worker that accepted the connection: a server whose every thread is busy
 //! answers only once one is free, so a ping that times out says "no worker could take a request in time",
-//! which is what a liveness probe asks. No tokio, no pyo3: one blocking exchange.
+//! which is what a liveness probe asks. No tokio, no pyo3: one blocking exchange (rustls's own blocking
+//! stream for TLS).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -13,8 +15,11 @@ use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
 use clap::Parser;
 use oxwsgi_proto::{parse_header, pong, Header, HEADER_LEN, MODIFIER_PING};
+use rustls::pki_types::ServerName;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{self, SocketSpec};
@@ -36,6 +41,22 @@ struct PingArgs {
     /// Seconds to wait for the answer, connecting included.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
+
+    /// Speak TLS (to an `--ssl-socket`): the server's certificate must chain to this CA (PEM).
+    #[arg(long = "tls-ca", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// The client certificate to present (PEM), for a socket with a client CA; with --tls-key.
+    #[arg(long = "tls-cert", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+
+    /// The client certificate's key (PEM).
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry (default: ADDR's address).
+    #[arg(long = "tls-name", value_name = "NAME", requires = "tls_ca")]
+    tls_name: Option<String>,
 }
 
 /// Whether `args` (program name first) ask for a ping rather than a server: `ping` or `--ping` first.
@@ -67,6 +88,18 @@ pub fn run(args: &[std::ffi::OsString]) -> ExitCode {
 enum PingError {
     #[error("{0}")]
     Address(#[from] config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] crate::server::tls::TlsError),
+    #[error("--tls-name {0}: not a DNS name or an IP address")]
+    TlsName(String),
+    #[error("TLS: {0}")]
+    Handshake(io::Error),
+    #[error("TLS needs a TCP ADDR")]
+    TlsOverUnix,
+    #[error(
+        "the socket speaks TLS: give --tls-ca (and --tls-cert/--tls-key if it asks for a client certificate)"
+    )]
+    SpeaksTls,
     #[error("timeout must be at least 1 second")]
     ZeroTimeout,
     #[error("cannot connect: {0}")]
@@ -90,17 +123,22 @@ fn ping(args: &PingArgs) -> Result<(), PingError> {
     let timeout = Duration::from_secs(args.timeout);
     let deadline = Instant::now() + timeout;
     let spec = config::parse_socket(&args.addr)?;
-    let mut stream: Box<dyn Stream> = match &spec {
-        SocketSpec::Tcp(addr) => {
+    let mut stream: Box<dyn Stream> = match (&spec, &args.tls_ca) {
+        (SocketSpec::Tcp(addr), tls_ca) => {
             // `:port` means every interface to a server; to a client, this machine.
             let addr = if addr.ip().is_unspecified() {
                 std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
             } else {
                 *addr
             };
-            Box::new(TcpStream::connect_timeout(&addr, timeout).map_err(PingError::Connect)?)
+            let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(PingError::Connect)?;
+            match tls_ca {
+                None => Box::new(tcp),
+                Some(ca) => Box::new(tls_stream(args, ca, addr, tcp)?),
+            }
         }
-        SocketSpec::Unix(path) => Box::new(connect_unix(path)?),
+        (SocketSpec::Unix(_), Some(_)) => return Err(PingError::TlsOverUnix),
+        (SocketSpec::Unix(path), None) => Box::new(connect_unix(path)?),
     };
     let request = Header { modifier1: MODIFIER_PING, datasize: 0, modifier2: 0 }.encode();
     stream.set_timeouts(left(deadline, timeout)?).map_err(PingError::Io)?;
@@ -119,8 +157,30 @@ fn ping(args: &PingArgs) -> Result<(), PingError> {
     }
     match parse_header(&answer) {
         Ok(Some(_)) if answer[..] == pong() => Ok(()),
+        // A TLS record (an alert or a handshake) in answer to plain bytes: an `--ssl-socket`.
+        _ if args.tls_ca.is_none() && matches!(answer[..], [0x15 | 0x16, 0x03, ..]) => {
+            Err(PingError::SpeaksTls)
+        }
         _ => Err(PingError::NotPong(answer)),
     }
+}
+
+/// The TLS client over `tcp`, its handshake done on the first write.
+fn tls_stream(
+    args: &PingArgs,
+    ca: &std::path::Path,
+    addr: std::net::SocketAddr,
+    tcp: TcpStream,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, PingError> {
+    let client = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+    let config = crate::server::tls::client_config(ca, client)?;
+    let name = match &args.tls_name {
+        Some(name) => ServerName::try_from(name.clone()).map_err(|_| PingError::TlsName(name.clone()))?,
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let connection = rustls::ClientConnection::new(config, name)
+        .map_err(|err| PingError::Handshake(io::Error::other(err)))?;
+    Ok(rustls::StreamOwned::new(connection, tcp))
 }
 
 /// Connects without waiting: a Unix socket whose listen queue is full would block `connect` itself, for
@@ -165,6 +225,12 @@ impl Stream for TcpStream {
     fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))?;
         self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl Stream for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        self.sock.set_timeouts(timeout)
     }
 }
 

@@ -36,16 +36,16 @@ const FIRST_READ: usize = 16 * 1024;
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Why a TLS listener cannot start: one line naming the file.
+/// Why TLS settings cannot be used: one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("--ssl-socket: cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}: {source}", path.display())]
     Read { what: &'static str, path: std::path::PathBuf, source: io::Error },
-    #[error("--ssl-socket: no {what} in {} (expected PEM)", path.display())]
+    #[error("no {what} in {} (expected PEM)", path.display())]
     Missing { what: &'static str, path: std::path::PathBuf },
-    #[error("--ssl-socket: {context}: {source}")]
+    #[error("{context}: {source}")]
     Rustls { context: String, source: rustls::Error },
-    #[error("--ssl-socket: client CA {}: {source}", path.display())]
+    #[error("client CA {}: {source}", path.display())]
     ClientCa { path: std::path::PathBuf, source: rustls::server::VerifierBuilderError },
 }
 
@@ -54,10 +54,7 @@ pub enum TlsError {
 pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(&files.cert, "certificate")?;
-    let key = open(&files.key, "key").and_then(|reader| {
-        PrivateKeyDer::from_pem_reader(reader)
-            .map_err(|_| TlsError::Missing { what: "private key", path: files.key.clone() })
-    })?;
+    let key = read_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls { context: "protocol versions".into(), source })?;
@@ -81,6 +78,40 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let config =
         builder.with_single_cert(chain, key).map_err(|source| TlsError::Rustls { context, source })?;
     Ok(Arc::new(config))
+}
+
+/// The TLS settings of `oxwsgi ping` to a `--ssl-socket`: the server's certificate must chain to `ca`;
+/// with `client`, a certificate and key are presented (a socket with a client CA refuses a ping without).
+pub fn client_config(
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca, "CA")? {
+        roots
+            .add(cert)
+            .map_err(|source| TlsError::Rustls { context: format!("CA {}", ca.display()), source })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls { context: "protocol versions".into(), source })?
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let context = format!("certificate {} with key {}", cert.display(), key.display());
+            builder
+                .with_client_auth_cert(read_certs(cert, "certificate")?, read_key(key)?)
+                .map_err(|source| TlsError::Rustls { context, source })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn read_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_reader(open(path, "key")?)
+        .map_err(|_| TlsError::Missing { what: "private key", path: path.to_path_buf() })
 }
 
 fn open(path: &std::path::Path, what: &'static str) -> Result<BufReader<File>, TlsError> {

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
 import time
 
 import pytest
@@ -159,6 +160,20 @@ def test_peers_without_the_right_certificate_are_refused_and_logged(tls_stack):
     assert "refused a connection: TLS handshake failed" in log, log
     # nginx's requests are still served.
     assert requests.get(tls_stack["url"] + "/environ", timeout=HTTP_TIMEOUT).status_code == 200
+
+
+def test_oxwsgi_ping_speaks_tls_with_a_client_certificate(tls_stack, oxwsgi_bin):
+    certs, addr = tls_stack["certs"], f"127.0.0.1:{tls_stack['tls_port']}"
+    tls = ["--tls-ca", str(certs / "ca.crt")]
+    client = ["--tls-cert", str(certs / "nginx.crt"), "--tls-key", str(certs / "nginx.key")]
+    for extra in ([], ["--tls-name", SERVER_NAME]):
+        done = subprocess.run([str(oxwsgi_bin), "ping", addr, *tls, *client, *extra], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+    refused = subprocess.run([str(oxwsgi_bin), "ping", addr, *tls, "--timeout", "5"], capture_output=True, text=True)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"oxwsgi ping {addr}: "), refused.stderr
+    plain = subprocess.run([str(oxwsgi_bin), "ping", addr, "--timeout", "2"], capture_output=True, text=True)
+    assert plain.returncode == 1 and "the socket speaks TLS" in plain.stderr, plain.stderr
 
 
 def test_a_reload_picks_up_a_renewed_certificate(tls_stack):
