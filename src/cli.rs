@@ -114,6 +114,8 @@ enum SocketsError {
          systemd socket activation)"
     )]
     NoSocket,
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot listen on {spec}: {source}")]
     Bind { spec: SocketSpec, source: std::io::Error },
 }
@@ -125,7 +127,7 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
             // systemd owns these sockets and their files.
             config.server.vacuum = false;
             tracing::info!("using {} sockets passed by systemd", sockets.len());
-            return Ok(sockets);
+            return tls_among_activated(sockets, config);
         }
         Ok(None) => {}
         Err(err) => return Err(SocketsError::Systemd(err)),
@@ -145,6 +147,39 @@ fn take_sockets(config: &mut Config) -> Result<Vec<BoundSocket>, SocketsError> {
                 .map_err(|source| SocketsError::Bind { spec: spec.clone(), source })
         })
         .collect()
+}
+
+/// Under socket activation, every `--ssl-socket ADDR` must be one of systemd's sockets, which then speaks
+/// TLS whatever its name, and a socket named `tls` must be one of them: a TLS setting that names no socket
+/// would otherwise leave its port serving plain uwsgi. The files are put in the sockets' order, in which
+/// the serving side pairs them.
+fn tls_among_activated(
+    mut sockets: Vec<BoundSocket>,
+    config: &mut Config,
+) -> Result<Vec<BoundSocket>, SocketsError> {
+    let mut files = Vec::new();
+    for socket in &mut sockets {
+        match config.ssl_sockets.iter().position(|spec| *spec == socket.spec) {
+            Some(at) => {
+                socket.protocol = Protocol::Tls;
+                files.push(config.tls[at].clone());
+            }
+            None if socket.protocol == Protocol::Tls => {
+                return Err(SocketsError::Tls(format!(
+                    "systemd named {} \"tls\", but no --ssl-socket gives that address its certificate",
+                    socket.spec
+                )));
+            }
+            None => {}
+        }
+    }
+    if let Some(missing) = config.ssl_sockets.iter().find(|spec| !sockets.iter().any(|s| s.spec == **spec)) {
+        return Err(SocketsError::Tls(format!(
+            "--ssl-socket {missing} is not among the sockets systemd passed; add it to the socket unit"
+        )));
+    }
+    config.tls = files;
+    Ok(sockets)
 }
 
 /// The uwsgi protocol has no authentication: whoever can connect sets `REMOTE_ADDR`, `HTTPS` and every

@@ -617,7 +617,9 @@ pub fn parse_ssl_socket(text: &str) -> Result<(SocketSpec, TlsFiles), ConfigErro
     if !matches!(spec, SocketSpec::Tcp(_)) {
         return Err(bad());
     }
-    let files = TlsFiles { cert: cert.into(), key: key.into(), client_ca: client_ca.map(PathBuf::from) };
+    // uWSGI's `!` before the CA makes the client certificate mandatory; here it always is.
+    let client_ca = client_ca.map(|ca| PathBuf::from(ca.strip_prefix('!').unwrap_or(ca)));
+    let files = TlsFiles { cert: cert.into(), key: key.into(), client_ca };
     Ok((spec, files))
 }
 

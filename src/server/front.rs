@@ -207,6 +207,9 @@ impl Front {
                 Ok(Listening { socket, kind, protocol, tls, spec, info: Arc::new(info) })
             })
             .collect::<io::Result<Vec<_>>>()?;
+        if tls_files.next().is_some() {
+            return Err(io::Error::other("more --ssl-socket settings than TLS sockets: one names no socket"));
+        }
         Ok(Arc::new(Self {
             listeners,
             config,

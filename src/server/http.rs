@@ -84,19 +84,33 @@ pub(super) async fn accept(front: Arc<Front>, index: usize) {
         }
     };
     let mut backoff = MIN_ACCEPT_BACKOFF;
+    // Counted while it runs, so the graceful stop waits for what it takes from the queue on the way out.
+    let _accepting = super::tls::Accepting::new(&front);
+    let mut stopping = false;
     let limit = Limit {
         permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         busy: LogBudget::new(BUSY_LOGGED_PER_SECOND),
     };
     loop {
-        let accepted = tokio::select! {
-            // Checked first: once the stop begins, nothing more is accepted.
-            biased;
-            () = front.stop_requested() => return,
-            accepted = listener.accept(&front, index, &limit) => accepted,
+        let accepted = if stopping {
+            // The graceful stop: connections the kernel already queued are served, then no more.
+            match timeout(Duration::ZERO, listener.accept(&front, index, &limit)).await {
+                Ok(accepted) => accepted,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                () = front.stop_requested() => {
+                    stopping = true;
+                    continue;
+                }
+                accepted = listener.accept(&front, index, &limit) => accepted,
+            }
         };
         match accepted {
             Ok(()) => backoff = MIN_ACCEPT_BACKOFF,
+            Err(_) if stopping => return,
             Err(err) => {
                 front.accept_errors.report(&err, backoff);
                 tokio::time::sleep(backoff).await;

@@ -332,6 +332,10 @@ impl Responder {
                 record.done(&self.front, &end);
                 if ended_cleanly && unread > 0 {
                     drain_or_hand_off(&self.front, conn, unread);
+                } else if !ended_cleanly {
+                    // A write that failed (timed out, most often) left the response short: the close must
+                    // not pass it off as complete to a reader that has no length to check.
+                    conn.abort();
                 }
             }
             State::HandedOff(channel) => {

@@ -365,7 +365,7 @@ pub(super) async fn write_rest(
         conn,
         |stream| {
             let (end, record) = write_parts(stream, first, parts, record, wait).await;
-            if let (End::Aborted, Some(aborted)) = (&end, aborted) {
+            if let (End::Aborted | End::WriteFailed(_), Some(aborted)) = (&end, aborted) {
                 aborted.store(true, Ordering::Release);
             }
             record.done(&front, &end);
@@ -404,6 +404,8 @@ async fn write_parts<S: Stream>(
             }
         };
         if let Err(err) = written {
+            // Cut short: a reset, never a close that looks like the end of the response.
+            stream.abort();
             return (End::WriteFailed(err), record);
         }
     }

@@ -4,13 +4,15 @@ it signs for a server (a DNS name and an IP address) or a client."""
 import subprocess
 from pathlib import Path
 
-import pytest
-
 # The DNS name the servers' certificates carry: nginx checks `uwsgi_ssl_name` against DNS names only.
 SERVER_NAME = "app.oxwsgi.test"
 
 
 def require_openssl() -> None:
+    # Imported here, not at the top: bench/tls.py makes its certificates with this module too, and the
+    # benchmark's Python has no pytest.
+    import pytest
+
     if subprocess.run(["openssl", "version"], capture_output=True).returncode != 0:
         pytest.fail("openssl is not installed (scripts/setup.sh installs it)", pytrace=False)
 

@@ -20,7 +20,9 @@ import requests
 TLS_UPSTREAMS_CONF = REPO / "nginx" / "tls-upstreams.conf"
 SHIPPED_BACKENDS = ("10.0.0.11:3031", "10.0.0.12:3031", "10.0.0.13:3031")
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-PER_THREAD = 300
+# Requests each load thread may send at most: far more than the test needs, so the load never runs out
+# before the test stops it.
+PER_THREAD = 100_000
 
 
 def render(prefix, port, backends, certs):
@@ -48,12 +50,13 @@ class Host:
                      "--processes", "2", "--threads", "2"]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         env.pop("OXWSGI_LOG", None)
-        self.env, self.process = env, None
+        self.env, self.process, self.processes = env, None, []
 
     def start(self):
         self.starts += 1
         self.process = Process(f"oxwsgi@{self.address}", self.argv, self.workdir / f"oxwsgi-{self.starts}.log",
                                env=self.env)
+        self.processes.append(self.process)
         self.process.start()
         self.process.wait_listening((self.address, int(self.argv[2].split(",")[0].rsplit(":", 1)[1])))
 
@@ -108,11 +111,18 @@ def test_three_tls_hosts_lose_nothing_when_one_stops_and_one_reloads(oxwsgi_bin,
             before = steady.served() + reloaded.served()
             load.wait_sent(load.sent() + 300)
             assert steady.served() + reloaded.served() > before, "the other hosts took the traffic"
+            load.stopping.set()
         assert load.errors == [], load.errors[:5]
-        assert load.statuses == Counter({200: LOAD_THREADS * PER_THREAD}), (
-            load.statuses,
-            (prefix / "error.log").read_text()[-3000:],
-        )
+        assert set(load.statuses) == {200}, (load.statuses, (prefix / "error.log").read_text()[-3000:])
+        # nginx retries a GET elsewhere when a host fails it, so the clients' view alone could hide a request
+        # the stopped host dropped: nginx's own log may show connections refused or reset before the request
+        # was sent (the host going away), never a request cut off after it was sent.
+        before_the_request = ("Connection refused", "SSL handshake", "while connecting to upstream")
+        cut_off = [
+            line for line in (prefix / "error.log").read_text().splitlines()
+            if "upstream" in line and not any(mark in line for mark in before_the_request)
+        ]
+        assert cut_off == [], cut_off[:5]
         # The host comes back: once its fail_timeout is over, nginx gives it requests again.
         stopped.start()
         after = Counter()
@@ -123,7 +133,7 @@ def test_three_tls_hosts_lose_nothing_when_one_stops_and_one_reloads(oxwsgi_bin,
 
         wait_until(came_back, "nginx sends traffic to the host that came back", hosts)
         assert set(after) == {200}, after
-        assert "TLS handshake failed" not in "".join(h.process.log() for h in hosts)
+        assert "TLS handshake" not in "".join(p.log() for h in hosts for p in h.processes)
     finally:
         nginx.stop()
         for host in hosts:
