@@ -92,22 +92,9 @@ pub(super) async fn accept(front: Arc<Front>, index: usize) {
         busy: LogBudget::new(BUSY_LOGGED_PER_SECOND),
     };
     loop {
-        let accepted = if stopping {
-            // The graceful stop: connections the kernel already queued are served, then no more.
-            match timeout(Duration::ZERO, listener.accept(&front, index, &limit)).await {
-                Ok(accepted) => accepted,
-                Err(_) => return,
-            }
-        } else {
-            tokio::select! {
-                biased;
-                () = front.stop_requested() => {
-                    stopping = true;
-                    continue;
-                }
-                accepted = listener.accept(&front, index, &limit) => accepted,
-            }
-        };
+        let next =
+            super::tls::next_accepted(&front, &mut stopping, || listener.accept(&front, index, &limit));
+        let Some(accepted) = next.await else { return };
         match accepted {
             Ok(()) => backoff = MIN_ACCEPT_BACKOFF,
             Err(_) if stopping => return,

@@ -168,23 +168,7 @@ pub(super) async fn accept(front: Arc<Front>, index: usize, config: Arc<ServerCo
     let _accepting = Accepting::new(&front);
     let mut stopping = false;
     loop {
-        let accepted = if stopping {
-            // The graceful stop: what the kernel already queued is served (nginx connected, and would get
-            // a reset), then no more.
-            match timeout(Duration::ZERO, listener.accept()).await {
-                Ok(accepted) => accepted,
-                Err(_) => return,
-            }
-        } else {
-            tokio::select! {
-                biased;
-                () = front.stop_requested() => {
-                    stopping = true;
-                    continue;
-                }
-                accepted = listener.accept() => accepted,
-            }
-        };
+        let Some(accepted) = next_accepted(&front, &mut stopping, || listener.accept()).await else { return };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = MIN_ACCEPT_BACKOFF;
@@ -207,6 +191,28 @@ pub(super) async fn accept(front: Arc<Front>, index: usize, config: Arc<ServerCo
             }
         }
     }
+}
+
+/// The next connection for an accept loop in the runtime, or `None` once it should end: until the graceful
+/// stop, whatever comes; from then on (`stopping`), only what the kernel already queued (nginx connected,
+/// and would otherwise get a reset), then no more.
+pub(super) async fn next_accepted<T, F>(
+    front: &Front,
+    stopping: &mut bool,
+    accept: impl Fn() -> F,
+) -> Option<io::Result<T>>
+where
+    F: std::future::Future<Output = io::Result<T>>,
+{
+    if !*stopping {
+        tokio::select! {
+            biased;
+            () = front.stop_requested() => *stopping = true,
+            accepted = accept() => return Some(accepted),
+        }
+    }
+    // A zero timeout still polls the accept once: it yields a connection only if one is already queued.
+    timeout(Duration::ZERO, accept()).await.ok()
 }
 
 /// An accept loop, counted as an arrival (see [`Front::arrival_started`]) while it runs.
