@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The benchmark's entry point: installs what is missing (wrk, nginx and strace from apt, pyuwsgi, Flask,
-# gunicorn and Granian from PyPI, the release build of oxwsgi only if there is none), builds the Rust
+# The benchmark's entry point: installs what is missing (wrk, nginx, strace and openssl from apt, pyuwsgi,
+# Flask, gunicorn and Granian from PyPI, the release build of oxwsgi only if there is none), builds the Rust
 # examples the benchmark drives (uwsgi_load and floor; with --designs the two design prototypes too: cargo
 # rebuilds only what is stale), then runs bench/bench.py with the arguments given (--quick, --rounds N,
 # --duration SECS, --scenarios a,b, --oxwsgi PATH, --examples-dir DIR, --designs). Safe to run again. See
 # bench/README.md. With --http-socket as the first argument it runs bench/http_socket.py instead, with the
 # arguments that follow (--quick, --rounds N, --duration SECS, --apps a,b, --servers a,b, --oxwsgi PATH):
-# oxwsgi's HTTP socket beside uWSGI, gunicorn and Granian. It needs no Rust example, so none is built.
+# oxwsgi's HTTP socket beside uWSGI, gunicorn and Granian. With --tls as the first argument it runs
+# bench/tls.py (--quick, --rounds N, --duration SECS, --ssl-protocols P, --oxwsgi PATH): what uwsgi over
+# TLS costs per request beside plain uwsgi. Neither needs a Rust example, so none is built for them.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,10 +21,12 @@ apt_missing=()
 command -v wrk >/dev/null 2>&1 || apt_missing+=(wrk)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx-light)
 command -v strace >/dev/null 2>&1 || apt_missing+=(strace)
+# bench/tls.py makes its certificates with openssl, for each run.
+command -v openssl >/dev/null 2>&1 || apt_missing+=(openssl)
 if [ "${#apt_missing[@]}" -gt 0 ]; then
     apt_install "${apt_missing[@]}"
 else
-    step "wrk, nginx and strace present"
+    step "wrk, nginx, strace and openssl present"
 fi
 
 command -v python3 >/dev/null 2>&1 || die "python3 not found (oxwsgi embeds the python3 on PATH)"
@@ -39,6 +43,10 @@ if [ "${1:-}" = --http-socket ]; then
     shift
     # exec, as below: Ctrl-C and SIGTERM reach the script, which stops every server it started.
     exec python3 -u bench/http_socket.py "$@"
+fi
+if [ "${1:-}" = --tls ]; then
+    shift
+    exec python3 -u bench/tls.py "$@"
 fi
 
 # The examples are the benchmark's own tools: built here, into target/ (where bench.py looks, whatever

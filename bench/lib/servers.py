@@ -128,10 +128,15 @@ def server_env(shapes_file: Path) -> dict[str, str]:
 
 
 def start_nginx(
-    nginx_binary: Path, prefix: Path, upstream: str, template_path: Path = NGINX_TEMPLATE
+    nginx_binary: Path,
+    prefix: Path,
+    upstream: str,
+    template_path: Path = NGINX_TEMPLATE,
+    upstream_options: str = "",
 ) -> tuple[Child, int]:
     """Renders the template with a free port and starts nginx; retries if the port was taken meanwhile.
-    The soak passes a template of its own (same placeholders)."""
+    The soak passes a template of its own (same placeholders); bench/tls.py passes the `uwsgi_ssl_*`
+    directives of its upstream as `upstream_options` (none for every other benchmark)."""
     prefix.mkdir()
     template = template_path.read_text()
     for attempt in range(1, NGINX_START_ATTEMPTS + 1):
@@ -141,6 +146,7 @@ def start_nginx(
             template.replace("{{PREFIX}}", str(prefix))
             .replace("{{HTTP_PORT}}", str(port))
             .replace("{{UPSTREAM}}", upstream)
+            .replace("{{UPSTREAM_OPTIONS}}", upstream_options)
         )
         argv = [str(nginx_binary), "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
         nginx = Child("nginx", argv, prefix / "nginx.out")
