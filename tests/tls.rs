@@ -30,3 +30,56 @@ fn unusable_tls_settings_are_one_line_and_a_failed_start() {
         );
     }
 }
+
+/// `socket_activate.py` (a stand-in for systemd) runs `oxwsgi ARGS` on an activated Unix socket named
+/// `name`; returns oxwsgi's exit status and stderr.
+fn activated(name: Option<&str>, args: &[&str]) -> (Option<i32>, String) {
+    let dir = support::temp_dir();
+    let launcher = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/socket_activate.py");
+    let mut command = std::process::Command::new("python3");
+    command
+        .arg(&launcher)
+        .arg(dir.join("activated.sock"))
+        .arg(env!("CARGO_BIN_EXE_oxwsgi"))
+        .args(args)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::null());
+    if let Some(name) = name {
+        command.env("SOCKET_ACTIVATE_NAME", name);
+    }
+    let output = command.output().expect("run the launcher");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn under_socket_activation_tls_settings_and_sockets_must_match() {
+    let app = pep3333_app().display().to_string();
+    // A socket the unit names "tls", but no certificate for it: it must not serve plain uwsgi.
+    let (status, stderr) = activated(Some("tls"), &["--wsgi-file", &app]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("no --ssl-socket gives that address its certificate"), "{stderr}");
+
+    // A certificate for an address systemd did not pass.
+    let dir = support::temp_dir();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=t", "-keyout", "t.key", "-out", "t.crt"])
+        .current_dir(&dir)
+        .output()
+        .expect("openssl (scripts/setup.sh installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let ssl = format!("127.0.0.1:1,{0}/t.crt,{0}/t.key", dir.display());
+    let (status, stderr) = activated(None, &["--ssl-socket", &ssl, "--wsgi-file", &app]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("is not among the sockets systemd passed"), "{stderr}");
+}
