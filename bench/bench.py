@@ -21,6 +21,7 @@ import resource
 import sys
 from pathlib import Path
 
+from lib import windows
 from lib.procs import run_entry_point
 from lib.report import Plan, describe, invalid_details, render
 from lib.results import RunResult
@@ -39,22 +40,11 @@ from lib.servers import DESIGNS, FLOOR, OXWSGI_REQUIRED_FLAGS, server_env
 from lib.tools import REPO, Tools, check_flags, environment, find_tools, load_average
 
 RESULTS = REPO / "bench" / "results" / "latest.md"
-DEFAULT_OXWSGI = REPO / "target" / "release" / "oxwsgi"
 DEFAULT_EXAMPLES = REPO / "target" / "release" / "examples"
 
-# Default length of one measured window: long enough that the 10 ms resolution of /proc CPU times (one
-# clock tick) is far below 1% of the server's CPU time, short enough for 3 rounds of every scenario in
-# about 15 minutes on a 2-core machine.
-DEFAULT_DURATION_SECONDS = 10
-# Default number of rounds: the median of three survives one run spoiled by a neighbour's burst.
-DEFAULT_ROUNDS = 3
-# Load before each measured window: fills CPU caches, lets the CPU clock settle and runs Flask's
-# first-request paths, none of which belong in the measurement.
-WARMUP_SECONDS = 3
 # --quick: a smoke test of every scenario (one round of short windows), not a measurement to quote.
 QUICK_ROUNDS = 1
 QUICK_DURATION_SECONDS = 4
-QUICK_WARMUP_SECONDS = 1
 # idle-1500 holds 1500 connections on each side (the load generator's, the server's) besides the real
 # ones; both inherit this process's open-files limit, which is raised to this (within the hard limit).
 OPEN_FILES_WANTED = 8192
@@ -63,9 +53,11 @@ OPEN_FILES_NEEDED = 2048
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help=f"rounds of all configurations (default {DEFAULT_ROUNDS})")
     parser.add_argument(
-        "--duration", type=int, help=f"seconds per measured window (default {DEFAULT_DURATION_SECONDS})"
+        "--rounds", type=int, help=f"rounds of all configurations (default {windows.DEFAULT_ROUNDS})"
+    )
+    parser.add_argument(
+        "--duration", type=int, help=f"seconds per measured window (default {windows.DEFAULT_DURATION_SECONDS})"
     )
     parser.add_argument(
         "--scenarios",
@@ -82,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--oxwsgi",
         type=Path,
-        default=Path(os.environ.get("OXWSGI_BIN") or DEFAULT_OXWSGI),
+        default=Path(os.environ.get("OXWSGI_BIN") or windows.DEFAULT_OXWSGI),
         help="the oxwsgi binary (default: $OXWSGI_BIN or target/release/oxwsgi)",
     )
     parser.add_argument(
@@ -98,13 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "in hello, hello-direct and syscalls",
     )
     args = parser.parse_args(argv)
-    if args.rounds is None:
-        args.rounds = QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS
-    if args.duration is None:
-        args.duration = QUICK_DURATION_SECONDS if args.quick else DEFAULT_DURATION_SECONDS
-    args.warmup = QUICK_WARMUP_SECONDS if args.quick else WARMUP_SECONDS
-    if args.rounds < 1 or args.duration < 1:
-        parser.error("--rounds and --duration must be at least 1")
+    windows.resolve(parser, args, QUICK_ROUNDS, QUICK_DURATION_SECONDS)
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in names if n not in (*SCENARIO_NAMES, MEMORY)]
     if unknown or not names:
@@ -178,13 +164,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     results = run_rounds(tools, settings, plan, workdir)
     env.insert(3, ("Load average at end", load_average()))
     report = render(env, plan, results)
-    print("\n" + report)
-    RESULTS.write_text(report)
-    print(f"written to {RESULTS.relative_to(REPO)}")
-    if any(not r.valid for r in results):
-        print("!!! some runs were INVALID (see above): exit status 1", file=sys.stderr)
-        return 1
-    return 0
+    return windows.publish(report, RESULTS, "runs" if any(not r.valid for r in results) else None)
 
 
 if __name__ == "__main__":

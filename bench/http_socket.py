@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import signal
 import socket
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from lib import windows
 from lib.procs import BenchError, Child, free_port, run_entry_point, wait_listening
 from lib.report import Cell, describe, every_run_section, invalid_details, ratio, with_spread
 from lib.results import CPU_US, LATENCY_P99, REQUESTS_PER_SECOND, Metric, RunResult
@@ -60,7 +60,6 @@ from lib.tools import (
 )
 
 RESULTS = REPO / "bench" / "results" / "http-socket-latest.md"
-DEFAULT_OXWSGI = REPO / "target" / "release" / "oxwsgi"
 # No Rust example runs here; the main benchmark's helpers that find binaries and name versions take their
 # directory all the same.
 EXAMPLES_DIR = REPO / "target" / "release" / "examples"
@@ -73,16 +72,6 @@ CALLABLE = "application"
 # enough to keep one Python thread busy with a queue behind it, and to show what a server does with more
 # connections than threads (a keep-alive server must switch between them; a closing one reconnects).
 CONNECTIONS = 16
-# Windows as in bench.py: 10 s keeps /proc's 10 ms ticks far below 1% of the CPU time; three rounds give
-# a median that survives one run spoiled by a neighbour; 3 s of warm-up fill the caches and run Flask's
-# first-request paths outside the window.
-DEFAULT_ROUNDS = 3
-DEFAULT_DURATION_SECONDS = 10
-WARMUP_SECONDS = 3
-# --quick: three rounds still (a median needs them), of short windows, hello only: about 1½ minutes.
-QUICK_ROUNDS = 3
-QUICK_DURATION_SECONDS = 3
-QUICK_WARMUP_SECONDS = 1
 # wrk counts only the requests that complete: a connection the server never answers (a keep-alive worker
 # that serves one connection until it closes, as uWSGI's --http11-socket does with one thread) simply
 # drops out, and the run looks fast. By Little's law, req/s × mean latency is the number of connections
@@ -344,34 +333,13 @@ def command_templates(binaries: Binaries, configs: tuple[ServerConfig, ...]) -> 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help=f"rounds of all servers (default {DEFAULT_ROUNDS})")
-    parser.add_argument(
-        "--duration", type=int, help=f"seconds per measured window (default {DEFAULT_DURATION_SECONDS})"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_ROUNDS} rounds of {QUICK_DURATION_SECONDS} s, hello only "
-        "(--rounds, --duration and --apps still win)",
-    )
+    windows.add_arguments(parser, "servers", ", hello only (--rounds, --duration and --apps still win)")
     parser.add_argument("--apps", help=f"comma-separated, of {','.join(APPS)} (default: all; --quick: hello)")
     parser.add_argument(
         "--servers", default=",".join(SERVER_KEYS), help="comma-separated (default: all, in this order)"
     )
-    parser.add_argument(
-        "--oxwsgi",
-        type=Path,
-        default=Path(os.environ.get("OXWSGI_BIN") or DEFAULT_OXWSGI),
-        help="the oxwsgi binary (default: $OXWSGI_BIN or target/release/oxwsgi)",
-    )
     args = parser.parse_args(argv)
-    if args.rounds is None:
-        args.rounds = QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS
-    if args.duration is None:
-        args.duration = QUICK_DURATION_SECONDS if args.quick else DEFAULT_DURATION_SECONDS
-    args.warmup = QUICK_WARMUP_SECONDS if args.quick else WARMUP_SECONDS
-    if args.rounds < 1 or args.duration < 1:
-        parser.error("--rounds and --duration must be at least 1")
+    windows.resolve(parser, args)
     apps = [a.strip() for a in (args.apps or ("hello" if args.quick else ",".join(APPS))).split(",") if a.strip()]
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     if not apps or any(a not in APPS for a in apps):
@@ -432,13 +400,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 runs.append(result)
     env.insert(3, ("Load average at end", load_average()))
     report = render(env, command_templates(binaries, args.servers), args, runs)
-    print("\n" + report)
-    RESULTS.write_text(report)
-    print(f"written to {RESULTS.relative_to(REPO)}")
-    if any(not r.valid for r in runs):
-        print("!!! some runs were INVALID (see above): exit status 1", file=sys.stderr)
-        return 1
-    return 0
+    return windows.publish(report, RESULTS, "runs" if any(not r.valid for r in runs) else None)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import os
 import re
 import shutil
 import signal
@@ -47,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.load import LoadResult, run_wrk
+from lib import windows
 from lib.procs import BenchError, Child, command_output, free_port, run_entry_point, wait_listening
 from lib.report import Cell, describe, every_run_section, invalid_details, number, ratio, with_spread
 from lib.results import CPU_US, LATENCY_P99, NGINX_US, REQUESTS_PER_SECOND, Metric, RunResult
@@ -73,7 +73,6 @@ from lib.tools import (
 )
 
 RESULTS = REPO / "bench" / "results" / "tls-latest.md"
-DEFAULT_OXWSGI = REPO / "target" / "release" / "oxwsgi"
 # No Rust example runs here; the main benchmark's helpers that find binaries and name versions take their
 # directory all the same.
 EXAMPLES_DIR = REPO / "target" / "release" / "examples"
@@ -90,16 +89,6 @@ CALLABLE = "application"
 # over TCP. With TLS 1.3 it also matters for resumption: each ticket resumes one connection only, and
 # concurrent connections started from the same saved session compete for it (see bench/README.md).
 CONNECTIONS = WRK_CONNECTIONS
-# Windows as in bench.py: 10 s keeps /proc's 10 ms ticks far below 1% of the CPU time; three rounds give
-# a median that survives one run spoiled by a neighbour; 3 s of warm-up fill the caches (and oxwsgi's
-# session cache) outside the window.
-DEFAULT_ROUNDS = 3
-DEFAULT_DURATION_SECONDS = 10
-WARMUP_SECONDS = 3
-# --quick: three rounds still (a median needs them), of short windows: under a minute.
-QUICK_ROUNDS = 3
-QUICK_DURATION_SECONDS = 3
-QUICK_WARMUP_SECONDS = 1
 # The session check's load: long enough for thousands of handshakes even without reuse (about 1,000/s
 # here), short because nginx's debug log grows by about 3.5 KiB per request.
 CHECK_SECONDS = 1
@@ -477,34 +466,14 @@ def tls_libraries(tools: Tools) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, help=f"rounds of all configurations (default {DEFAULT_ROUNDS})")
-    parser.add_argument(
-        "--duration", type=int, help=f"seconds per measured window (default {DEFAULT_DURATION_SECONDS})"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK_ROUNDS} rounds of {QUICK_DURATION_SECONDS} s (--rounds and --duration still win)",
-    )
+    windows.add_arguments(parser, "configurations", " (--rounds and --duration still win)")
     parser.add_argument(
         "--ssl-protocols",
         help="nginx's uwsgi_ssl_protocols for the TLS hop, e.g. TLSv1.3 (default: not set, nginx's default; "
         f"of {' '.join(TLS_PROTOCOLS)})",
     )
-    parser.add_argument(
-        "--oxwsgi",
-        type=Path,
-        default=Path(os.environ.get("OXWSGI_BIN") or DEFAULT_OXWSGI),
-        help="the oxwsgi binary (default: $OXWSGI_BIN or target/release/oxwsgi)",
-    )
     args = parser.parse_args(argv)
-    if args.rounds is None:
-        args.rounds = QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS
-    if args.duration is None:
-        args.duration = QUICK_DURATION_SECONDS if args.quick else DEFAULT_DURATION_SECONDS
-    args.warmup = QUICK_WARMUP_SECONDS if args.quick else WARMUP_SECONDS
-    if args.rounds < 1 or args.duration < 1:
-        parser.error("--rounds and --duration must be at least 1")
+    windows.resolve(parser, args)
     if args.ssl_protocols is not None:
         names = args.ssl_protocols.split()
         if not names or any(n not in TLS_PROTOCOLS for n in names):
@@ -548,13 +517,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             runs.append(result)
     env.insert(3, ("Load average at end", load_average()))
     report = render(env, command_templates(tools), args, runs, checks)
-    print("\n" + report)
-    RESULTS.write_text(report)
-    print(f"written to {RESULTS.relative_to(REPO)}")
-    if any(not r.valid for r in runs) or any(not c.valid for c in checks):
-        print("!!! some runs or session checks were INVALID (see above): exit status 1", file=sys.stderr)
-        return 1
-    return 0
+    invalid = any(not r.valid for r in runs) or any(not c.valid for c in checks)
+    return windows.publish(report, RESULTS, "runs or session checks" if invalid else None)
 
 
 if __name__ == "__main__":
