@@ -52,10 +52,10 @@ const EPOLL_EVENTS: usize = 16;
 /// rest are counted (`oxwsgi_protocol_errors_total`) and their number goes into the next line.
 const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
 /// First pause after `accept()` fails with anything but "nothing to accept".
-const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+pub(super) const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause after `accept()` fails (EMFILE and friends), so a full fd table does not spin the CPU
 /// (each serving thread backs off on its own; the log says it once a second for all of them).
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+pub(super) const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How long a serving thread keeps a connection whose request has not arrived yet before the I/O runtime
 /// takes it: nginx writes its request right after connecting, so one that is silent this long is an idle

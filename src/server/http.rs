@@ -30,7 +30,7 @@ use tokio::time::timeout;
 use tracing::warn;
 
 use super::conn::{bridge, Kind};
-use super::front::{Arrival, Front};
+use super::front::{Arrival, Front, MAX_ACCEPT_BACKOFF, MIN_ACCEPT_BACKOFF};
 use super::log_budget::{left_out, LogBudget};
 use super::responder::MAX_DRAIN_BYTES;
 use crate::metrics::model::ProtocolErrorKind;
@@ -52,18 +52,16 @@ const RELAY_READ_SIZE: usize = 64 * 1024;
 /// Request body bytes written into the socket pair before the request is queued, with the packet: one
 /// read by the serving thread then takes the packet and a small body together.
 const BODY_WITH_PACKET: usize = 64 * 1024;
-/// Connections one worker serves on one HTTP listener at once; more are answered 503 at once. Each holds a
-/// task, three descriptors and up to [`CHUNKED_BODY_MAX`] of body: the bound keeps a flood of clients
-/// from taking the descriptors and memory the uwsgi socket needs.
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections one worker serves on one HTTP or TLS listener at once; more are turned away at once (503
+/// over HTTP). Each holds a task, three or four descriptors and, over HTTP, up to [`CHUNKED_BODY_MAX`] of
+/// body; a TLS peer can hold one a whole timeout before it authenticates. The bound keeps a flood of
+/// clients from taking the descriptors and memory the uwsgi socket needs.
+pub(super) const MAX_CONNECTIONS: usize = 1024;
 /// "Over the connection limit" lines logged per second, at most.
-const BUSY_LOGGED_PER_SECOND: u64 = 1;
+pub(super) const BUSY_LOGGED_PER_SECOND: u64 = 1;
 /// A head shorter than this is parsed again after every read; a longer one only once its end may be in, so
 /// a head sent a byte at a time costs one parse, not one per byte.
 const PARSE_EVERY_READ_BELOW: usize = 1024;
-/// First pause after `accept()` fails, and the longest.
-const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// After a refusal, how long and how much of what the client still sends is read and dropped before the
 /// close (see [`refuse`]): enough for a body in flight on a local network, bounded so a refused client

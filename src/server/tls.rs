@@ -26,7 +26,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use super::conn::bridge;
-use super::front::{Arrival, Front};
+use super::front::{Arrival, Front, MAX_ACCEPT_BACKOFF, MIN_ACCEPT_BACKOFF};
+use super::http::{BUSY_LOGGED_PER_SECOND, MAX_CONNECTIONS};
 use super::log_budget::{left_out, LogBudget};
 use crate::config::TlsFiles;
 use crate::metrics::model::ProtocolErrorKind;
@@ -34,17 +35,8 @@ use crate::metrics::model::ProtocolErrorKind;
 /// The first read after the handshake: nginx's packets for ordinary requests are 1-3 KiB, so the packet is
 /// usually in the pair before the request is queued (the serving thread then reads it at once).
 const FIRST_READ: usize = 16 * 1024;
-/// Connections one worker holds on one TLS listener at once (handshakes included); more are closed at once.
-/// Each holds a task and four descriptors, and a peer can hold one a whole timeout before it authenticates:
-/// the bound keeps a flood from taking the descriptors the other sockets need.
-const MAX_CONNECTIONS: usize = 1024;
-/// "Over the connection limit" lines logged per second, at most.
-const BUSY_LOGGED_PER_SECOND: u64 = 1;
 /// Size of each read of the response from the serving side.
 const DOWNLOAD_READ_SIZE: usize = 64 * 1024;
-/// First pause after `accept()` fails, and the longest.
-const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Why TLS settings cannot be used: one line naming the file.
 #[derive(Debug, thiserror::Error)]
